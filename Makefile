@@ -1,0 +1,71 @@
+# Cocoon build and test entry points. See README.md.
+SHELL := /bin/bash
+BUILD := build
+TARGET := x86_64-unknown-linux-gnu
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab \
+        lint bench lab-shell demo clean FORCE
+
+all: guest build
+
+deps:
+	scripts/install-deps.sh
+
+# Guest kernel: tinyconfig + guest-kernel/guest.config, cached by config hash.
+kernel:
+	guest-kernel/build.sh guest $(BUILD)
+
+# Test-lab kernel: x86_64_defconfig + kvm_guest.config + guest-kernel/lab.config.
+lab-kernel:
+	guest-kernel/build.sh lab $(BUILD)/lab
+
+# The agent, statically linked: it is the guest's only userspace.
+$(BUILD)/cocoon-agent: FORCE
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+	    --target $(TARGET) -p cocoon-agent
+	@mkdir -p $(BUILD)
+	cp target/$(TARGET)/release/cocoon-agent $@
+
+rootfs: $(BUILD)/cocoon-agent
+	rootfs/mkinitramfs.py $(BUILD)/cocoon-agent $(BUILD)/initramfs.cpio
+	@echo "rootfs: $(BUILD)/initramfs.cpio ($$(stat -c %s $(BUILD)/initramfs.cpio) bytes)"
+
+guest: kernel rootfs
+
+build:
+	$(CARGO) build --locked --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+# Unit tests and host-level end-to-end tests (the guest image under QEMU TCG, the lab runner).
+test-unit: guest lab-kernel
+	$(CARGO) test --locked --workspace --exclude cocoon-integration
+	$(CARGO) test --locked -p cocoon-integration --lib --bins --test guest_image
+
+test-lab: lab-kernel guest
+	$(CARGO) test --locked -p cocoon-integration --test lab
+
+# All VM-level tests, in one test-lab boot (directly on hosts with hardware KVM).
+test-vm: guest lab-kernel
+	$(CARGO) test --locked -p cocoon-integration --test vm
+
+# The whole suite.
+test: lint test-unit test-lab test-vm
+
+bench: guest
+	$(CARGO) bench --locked -p cocoon-integration
+
+lab-shell: lab-kernel
+	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell
+
+# The main job, for what exists so far: install, build the guest image, boot it.
+demo: deps guest
+	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-boot-guest
+
+clean:
+	rm -rf $(BUILD)
+	$(CARGO) clean

@@ -1,0 +1,10 @@
+//! Cocoon's end-to-end test support: where the build outputs are, booting the guest image
+//! under QEMU, the test lab (real KVM on hosts whose own KVM cannot boot Linux), the
+//! harness for VM-level tests, and small statistics for benchmarks.
+
+pub mod console;
+pub mod lab;
+pub mod paths;
+pub mod qemu;
+pub mod stats;
+pub mod vmtest;

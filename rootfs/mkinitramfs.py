@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Writes the guest initramfs: an uncompressed newc cpio archive.
+
+    mkinitramfs.py AGENT OUT
+
+Holds only what the agent needs as PID 1: itself as /init, the mount points it uses, and
+/dev/console (the kernel opens it for init's stdio before any devtmpfs exists). Entries
+have fixed owners and times, so the same agent gives the same archive byte for byte.
+"""
+import os
+import stat
+import sys
+
+
+def entry(out, ino, name, mode, data=b"", rdev=(0, 0)):
+    name_b = name.encode() + b"\0"
+    fields = [ino, mode, 0, 0, 1 if not stat.S_ISDIR(mode) else 2, 0, len(data),
+              0, 0, rdev[0], rdev[1], len(name_b), 0]
+    hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out.write(hdr + name_b)
+    out.write(b"\0" * (-(len(hdr) + len(name_b)) % 4))
+    out.write(data)
+    out.write(b"\0" * (-len(data) % 4))
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    agent, dest = sys.argv[1], sys.argv[2]
+    with open(agent, "rb") as f:
+        init = f.read()
+    if init[:4] != b"\x7fELF":
+        sys.exit(f"mkinitramfs: {agent} is not an ELF binary")
+    tmp = dest + ".tmp"
+    with open(tmp, "wb") as out:
+        ino = 1
+        for d in ["dev", "proc", "sys", "tmp", "run"]:
+            entry(out, ino, d, stat.S_IFDIR | 0o755)
+            ino += 1
+        entry(out, ino, "dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+        entry(out, ino + 1, "init", stat.S_IFREG | 0o755, init)
+        entry(out, 0, "TRAILER!!!", 0)
+    os.replace(tmp, dest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+//! Cocoon's host-side runtime library.
+
+pub mod host;
