@@ -38,7 +38,9 @@ impl ReadyLine {
     /// Parses one console line. Serial consoles add `\r` and sometimes noise before the
     /// text (kernel messages interleave), so the line only has to contain the ready text.
     pub fn parse(line: &str) -> Result<Self, ReadyLineError> {
-        let start = line.find(READY_PREFIX).ok_or(ReadyLineError::NotReadyLine)?;
+        let start = line
+            .find(READY_PREFIX)
+            .ok_or(ReadyLineError::NotReadyLine)?;
         let value = line[start + READY_PREFIX.len()..].trim_end_matches(['\r', '\n']);
         let digits = value.split_whitespace().next().unwrap_or("");
         digits
@@ -79,7 +81,10 @@ mod tests {
             Ok(ReadyLine { uptime_ms: 77 })
         );
         let console = "Linux version 6.1\nsomething\ncocoon-agent ready uptime_ms=9\nbye\n";
-        assert_eq!(ReadyLine::find_in(console), Some(ReadyLine { uptime_ms: 9 }));
+        assert_eq!(
+            ReadyLine::find_in(console),
+            Some(ReadyLine { uptime_ms: 9 })
+        );
     }
 
     #[test]

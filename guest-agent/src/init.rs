@@ -35,9 +35,15 @@ pub fn mount_kernel_filesystems() -> Vec<Result<(), MountError>> {
             source,
         };
         std::fs::create_dir_all(target).map_err(wrap)?;
-        mount(Some(fstype), Path::new(target), Some(fstype), flags, None::<&str>)
-            .or_else(|e| if e == Errno::EBUSY { Ok(()) } else { Err(e) })
-            .map_err(|e| wrap(e.into()))
+        mount(
+            Some(fstype),
+            Path::new(target),
+            Some(fstype),
+            flags,
+            None::<&str>,
+        )
+        .or_else(|e| if e == Errno::EBUSY { Ok(()) } else { Err(e) })
+        .map_err(|e| wrap(e.into()))
     })
     .collect()
 }
@@ -45,17 +51,23 @@ pub fn mount_kernel_filesystems() -> Vec<Result<(), MountError>> {
 /// Guest uptime in milliseconds, counting time the VM was suspended too.
 pub fn uptime_ms() -> u64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME)
-        .map(|t| {
-            let ms = t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000;
-            ms
-        })
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
 }
 
-/// Flushes filesystems and powers the VM off. Returns only on failure.
+/// Flushes filesystems and ends the VM. Returns only on failure.
+///
+/// Power-off needs a firmware method (ACPI); without one the kernel would only halt the
+/// CPU and the VMM would never learn the guest is done. Then the agent resets instead:
+/// with `reboot=t` that is a triple fault, which ends VMMs run with "no reboot".
 pub fn power_off() -> Errno {
     sync();
-    match reboot(RebootMode::RB_POWER_OFF) {
+    let mode = if Path::new("/sys/firmware/acpi").exists() {
+        RebootMode::RB_POWER_OFF
+    } else {
+        RebootMode::RB_AUTOBOOT
+    };
+    match reboot(mode) {
         Err(e) => e,
         Ok(never) => match never {},
     }

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let kvm = detect_kvm();
-    let accel = if kvm.boots_stock_kernel() { Accel::Kvm } else { Accel::Tcg };
+    let accel = if kvm.boots_stock_kernel() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     let accel_name = match accel {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",

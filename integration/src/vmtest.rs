@@ -23,12 +23,18 @@ pub fn main(trials: Vec<Trial>) -> ExitCode {
         return libtest_mimic::run(&args, trials).exit_code();
     }
     if kvm.boots_stock_kernel() {
-        let place = if in_lab { "inside the test lab" } else { "directly on this host" };
+        let place = if in_lab {
+            "inside the test lab"
+        } else {
+            "directly on this host"
+        };
         eprintln!("vm tests: {kvm}: running {place}");
         return libtest_mimic::run(&args, trials).exit_code();
     }
     if in_lab {
-        eprintln!("vm tests: KVM inside the test lab is unusable ({kvm}); the lab kernel is misbuilt");
+        eprintln!(
+            "vm tests: KVM inside the test lab is unusable ({kvm}); the lab kernel is misbuilt"
+        );
         return ExitCode::FAILURE;
     }
     eprintln!("vm tests: this host has {kvm}; running them inside the test lab (one boot)");
@@ -53,13 +59,20 @@ fn run_in_lab() -> anyhow::Result<ExitCode> {
         "vm tests: lab boot {:.1}s, total {:.1}s{}",
         run.boot.map(|b| b.as_secs_f64()).unwrap_or(0.0),
         run.wall.as_secs_f64(),
-        if run.attempts > 1 { " (after one retry)" } else { "" }
+        if run.attempts > 1 {
+            " (after one retry)"
+        } else {
+            ""
+        }
     );
     match &run.outcome {
         Outcome::Exited(0) => Ok(ExitCode::SUCCESS),
         Outcome::Exited(c) => Ok(ExitCode::from(u8::try_from(*c).unwrap_or(1).max(1))),
         other => {
-            anyhow::bail!("{other}\n--- last console lines ---\n{}", run.console_tail(40))
+            anyhow::bail!(
+                "{other}\n--- last console lines ---\n{}",
+                run.console_tail(40)
+            )
         }
     }
 }

@@ -7,15 +7,28 @@ use cocoon_integration::qemu::{boot_guest, Accel, GuestSpec};
 fn guest_image_boots_to_ready_under_tcg() {
     let boot = boot_guest(&GuestSpec::selftest(Accel::Tcg)).expect("start QEMU");
     let console = boot.console_text();
-    assert!(!boot.timed_out, "guest did not power off in time:\n{console}");
-    let ready = boot
-        .ready
-        .unwrap_or_else(|| panic!("no ready line on the console:\n{console}\n{}", boot.qemu_stderr));
+    assert!(
+        !boot.timed_out,
+        "guest did not power off in time:\n{console}"
+    );
+    let ready = boot.ready.unwrap_or_else(|| {
+        panic!(
+            "no ready line on the console:\n{console}\n{}",
+            boot.qemu_stderr
+        )
+    });
     assert!(ready.uptime_ms > 0, "implausible uptime in {ready}");
     // Power-off (not a panic-reboot) ends QEMU with status 0.
-    assert_eq!(boot.status.and_then(|s| s.code()), Some(0), "console:\n{console}");
+    assert_eq!(
+        boot.status.and_then(|s| s.code()),
+        Some(0),
+        "console:\n{console}"
+    );
     assert!(!console.contains("Kernel panic"), "{console}");
-    eprintln!("guest ready at uptime {} ms, QEMU wall {:?}", ready.uptime_ms, boot.wall);
+    eprintln!(
+        "guest ready at uptime {} ms, QEMU wall {:?}",
+        ready.uptime_ms, boot.wall
+    );
 }
 
 #[test]

@@ -25,7 +25,11 @@ fn assert_left_nothing_behind(run: &LabRun) {
         "lab QEMU {} still exists",
         run.qemu_pid
     );
-    assert!(!run.job_dir.exists(), "job dir {} left behind", run.job_dir.display());
+    assert!(
+        !run.job_dir.exists(),
+        "job dir {} left behind",
+        run.job_dir.display()
+    );
 }
 
 #[test]
@@ -40,7 +44,10 @@ fn command_runs_with_real_kvm_and_passes_files_out() {
     let output = run.output.join("\n");
     assert_eq!(run.outcome, Outcome::Exited(0), "{}", run.console_tail(40));
     for want in ["hello from the lab", "kvm-ok", "rw-ok"] {
-        assert!(output.contains(want), "missing {want:?} in output:\n{output}");
+        assert!(
+            output.contains(want),
+            "missing {want:?} in output:\n{output}"
+        );
     }
     let file = std::fs::read_to_string(out.path().join("result.txt")).expect("result file");
     assert_eq!(file, "payload\n");
@@ -58,12 +65,24 @@ fn failing_command_reports_its_status_and_output() {
 fn hanging_command_times_out() {
     let run = run("echo started; sleep 1000", 15, None);
     assert_eq!(run.outcome, Outcome::TimedOut, "{}", run.console_tail(40));
-    assert!(run.output.iter().any(|l| l == "started"), "{:?}", run.output);
+    assert!(
+        run.output.iter().any(|l| l == "started"),
+        "{:?}",
+        run.output
+    );
 }
 
 #[test]
 fn lab_kernel_panic_is_reported() {
-    let run = run("echo before the crash; echo c >/proc/sysrq-trigger; sleep 100", 120, None);
+    let run = run(
+        "echo before the crash; echo c >/proc/sysrq-trigger; sleep 100",
+        120,
+        None,
+    );
     assert_eq!(run.outcome, Outcome::Panicked, "{}", run.console_tail(40));
-    assert!(run.output.iter().any(|l| l == "before the crash"), "{:?}", run.output);
+    assert!(
+        run.output.iter().any(|l| l == "before the crash"),
+        "{:?}",
+        run.output
+    );
 }

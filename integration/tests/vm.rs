@@ -10,7 +10,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     cocoon_integration::vmtest::main(vec![
         Trial::test("kvm_runs_real_mode_code", kvm_runs_real_mode_code),
-        Trial::test("guest_image_boots_under_qemu_kvm", guest_image_boots_under_qemu_kvm),
+        Trial::test(
+            "guest_image_boots_under_qemu_kvm",
+            guest_image_boots_under_qemu_kvm,
+        ),
     ])
 }
 
@@ -55,7 +58,8 @@ fn kvm_runs_real_mode_code() -> Result<(), Failed> {
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("get sregs: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| format!("set sregs: {e}"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| format!("set sregs: {e}"))?;
     let mut regs = vcpu.get_regs().map_err(|e| format!("get regs: {e}"))?;
     regs.rip = GUEST_ADDR;
     regs.rflags = 2;
@@ -86,8 +90,15 @@ fn guest_image_boots_under_qemu_kvm() -> Result<(), Failed> {
         .ready
         .ok_or_else(|| format!("no ready line:\n{console}\n{}", boot.qemu_stderr))?;
     if boot.status.and_then(|s| s.code()) != Some(0) {
-        return Err(format!("QEMU did not power off cleanly ({:?}):\n{console}", boot.status).into());
+        return Err(format!(
+            "QEMU did not power off cleanly ({:?}):\n{console}",
+            boot.status
+        )
+        .into());
     }
-    eprintln!("guest ready at uptime {} ms; QEMU wall {:?}", ready.uptime_ms, boot.wall);
+    eprintln!(
+        "guest ready at uptime {} ms; QEMU wall {:?}",
+        ready.uptime_ms, boot.wall
+    );
     Ok(())
 }

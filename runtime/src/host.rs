@@ -79,7 +79,10 @@ mod tests {
 
     #[test]
     fn hardware_kvm_needs_dev_kvm_and_a_cpu_flag() {
-        assert_eq!(classify(true, false, AMD), Kvm::Hardware { cpu_flag: "svm" });
+        assert_eq!(
+            classify(true, false, AMD),
+            Kvm::Hardware { cpu_flag: "svm" }
+        );
         assert!(classify(true, false, "flags : vmx\n").boots_stock_kernel());
         assert_eq!(classify(false, false, AMD), Kvm::Absent);
         assert_eq!(classify(true, false, NO_VIRT), Kvm::Unknown);

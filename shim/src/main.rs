@@ -7,7 +7,10 @@ fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
         // containerd runs `<shim> -v` to learn the shim's version.
         Some("-v") | Some("--version") => {
-            println!("containerd-shim-cocoon-v1:\n  Version: {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "containerd-shim-cocoon-v1:\n  Version: {}",
+                env!("CARGO_PKG_VERSION")
+            );
             ExitCode::SUCCESS
         }
         _ => {

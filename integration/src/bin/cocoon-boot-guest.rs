@@ -7,7 +7,11 @@ use cocoon_runtime::host::detect_kvm;
 
 fn main() -> Result<()> {
     let kvm = detect_kvm();
-    let accel = if kvm.boots_stock_kernel() { Accel::Kvm } else { Accel::Tcg };
+    let accel = if kvm.boots_stock_kernel() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     println!("host: {kvm}; booting the guest image under QEMU microvm ({accel:?})");
     let mut spec = GuestSpec::selftest(accel);
     // Show the kernel's messages too: this is for people, not for timing.

@@ -48,7 +48,11 @@ fn run(args: &[String]) -> Result<ExitCode> {
                 let v = rest.next().context("--timeout needs seconds")?;
                 timeout = Duration::from_secs(v.parse().context("--timeout needs seconds")?);
             }
-            Some("--out") => out = Some(PathBuf::from(rest.next().context("--out needs a directory")?)),
+            Some("--out") => {
+                out = Some(PathBuf::from(
+                    rest.next().context("--out needs a directory")?,
+                ))
+            }
             Some("--") => break rest.cloned().collect(),
             Some(other) => bail!("unexpected argument '{other}' (the command goes after --)"),
             None => bail!("no command given (cocoon-lab run -- COMMAND ...)"),
