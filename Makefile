@@ -51,6 +51,7 @@ test-lab: lab-kernel guest
 
 # All VM-level tests, in one test-lab boot (directly on hosts with hardware KVM).
 test-vm: guest lab-kernel
+	$(CARGO) build --locked -p cocoon-vmm
 	$(CARGO) test --locked -p cocoon-integration --test vm
 
 # The whole suite.

@@ -7,4 +7,6 @@ pub mod lab;
 pub mod paths;
 pub mod qemu;
 pub mod stats;
+pub mod testguest;
+pub mod vmm;
 pub mod vmtest;

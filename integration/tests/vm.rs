@@ -1,11 +1,15 @@
 //! VM-level tests: they need a KVM that boots stock Linux, so on hosts without one the
 //! harness (`cocoon_integration::vmtest`) runs them all inside one test-lab boot.
 
+use cocoon_agent_protocol::ReadyLine;
 use cocoon_integration::qemu::{boot_guest, Accel, GuestSpec};
+use cocoon_integration::testguest::{busybox_initramfs, ext4_cat, ext4_image};
+use cocoon_integration::{paths, vmm};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use libtest_mimic::{Failed, Trial};
 use std::process::ExitCode;
+use std::time::Duration;
 
 fn main() -> ExitCode {
     cocoon_integration::vmtest::main(vec![
@@ -100,5 +104,279 @@ fn guest_image_boots_under_qemu_kvm() -> Result<(), Failed> {
         "guest ready at uptime {} ms; QEMU wall {:?}",
         ready.uptime_ms, boot.wall
     );
+    Ok(())
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Base arguments: our kernel, the given initramfs, a quiet console.
+fn vmm_args(initramfs: &std::path::Path, extra_cmdline: &str) -> Vec<String> {
+    let mut a = strings(&["--kernel"]);
+    a.push(paths::guest_vmlinux().display().to_string());
+    a.push("--initramfs".into());
+    a.push(initramfs.display().to_string());
+    a.push("--cmdline".into());
+    a.push(format!("quiet {extra_cmdline}"));
+    a
+}
+
+fn check(cond: bool, what: &str, out: &vmm::VmmOutcome) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(format!("{what}\n{}", out.transcript()).into())
+    }
+}
+
+/// Our VMM boots our kernel + agent to the ready line; the selftest power-off ends it with 0.
+fn vmm_boots_guest_to_ready() -> Result<(), Failed> {
+    let args = vmm_args(&paths::guest_initramfs(), "cocoon.selftest=1");
+    let out = vmm::run(&args, BOOT_TIMEOUT)?;
+    let ready = ReadyLine::find_in(&out.console.join("\n"));
+    check(ready.is_some(), "no ready line", &out)?;
+    check(out.code() == Some(0), "VMM did not exit 0", &out)?;
+    eprintln!("cocoon-vmm: ready at {ready:?}, wall {:?}", out.wall);
+    Ok(())
+}
+
+fn vmm_smp_guest_sees_all_vcpus() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    let init = busybox_initramfs(
+        dir.path(),
+        "smp",
+        "echo CPUS=$(grep -c ^processor /proc/cpuinfo); reboot -f",
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend(strings(&["--vcpus", "2", "--memory-mib", "128"]));
+    let out = vmm::run(&args, BOOT_TIMEOUT)?;
+    check(
+        out.console.iter().any(|l| l == "CPUS=2"),
+        "guest did not see 2 CPUs",
+        &out,
+    )?;
+    check(
+        out.code() == Some(0),
+        "VMM did not exit 0 on guest reboot",
+        &out,
+    )
+}
+
+fn vmm_ext4_write_survives_shutdown() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("data.ext4");
+    ext4_image(&disk, 32)?;
+    let init = busybox_initramfs(
+        dir.path(),
+        "write",
+        "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo written-in-guest >/mnt/hello.txt \
+         && umount /mnt && echo WRITE-OK; echo SERIAL=$(cat /sys/block/vda/serial); reboot -f",
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend([
+        "--drive".into(),
+        format!("path={},serial=data0", disk.display()),
+    ]);
+    let out = vmm::run(&args, BOOT_TIMEOUT)?;
+    check(
+        out.console.iter().any(|l| l == "WRITE-OK"),
+        "guest write failed",
+        &out,
+    )?;
+    check(
+        out.console.iter().any(|l| l == "SERIAL=data0"),
+        "wrong disk serial",
+        &out,
+    )?;
+    check(out.code() == Some(0), "VMM did not exit 0", &out)?;
+    let content = ext4_cat(&disk, "/hello.txt")?;
+    check(
+        content == "written-in-guest\n",
+        &format!("host read {content:?}"),
+        &out,
+    )
+}
+
+fn vmm_read_only_disk_rejects_writes() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("ro.ext4");
+    ext4_image(&disk, 16)?;
+    let before = std::fs::read(&disk)?;
+    let init = busybox_initramfs(
+        dir.path(),
+        "ro",
+        "echo RO=$(cat /sys/block/vda/ro); \
+         if dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then echo RAW-WRITE-ALLOWED; fi; \
+         mkdir -p /mnt; mount -t ext4 -o ro /dev/vda /mnt && cat /mnt/lost+found/. 2>/dev/null; \
+         if touch /mnt/x 2>/dev/null; then echo FS-WRITE-ALLOWED; fi; echo RO-DONE; reboot -f",
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend(["--drive".into(), format!("path={},ro", disk.display())]);
+    let out = vmm::run(&args, BOOT_TIMEOUT)?;
+    check(
+        out.console.iter().any(|l| l == "RO-DONE"),
+        "guest script did not finish",
+        &out,
+    )?;
+    check(
+        out.console.iter().any(|l| l == "RO=1"),
+        "guest does not see a read-only disk",
+        &out,
+    )?;
+    check(
+        !out.console.iter().any(|l| l.contains("WRITE-ALLOWED")),
+        "a write was allowed",
+        &out,
+    )?;
+    check(std::fs::read(&disk)? == before, "the image changed", &out)
+}
+
+fn vmm_drive_swapped_into_empty_slot() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("late.img");
+    let mut data = b"swapped-in-at-runtime".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&disk, &data)?;
+    let sock = dir.path().join("vmm.sock");
+    let init = busybox_initramfs(
+        dir.path(),
+        "swap",
+        "echo SIZE0=$(cat /sys/block/vda/size); echo WAITING; \
+         i=0; while [ \"$(cat /sys/block/vda/size)\" = 0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+         echo SIZE1=$(cat /sys/block/vda/size); echo SERIAL=$(cat /sys/block/vda/serial); \
+         echo DATA=$(dd if=/dev/vda bs=21 count=1 2>/dev/null); reboot -f",
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend(strings(&["--drive", "empty,ro", "--control-socket"]));
+    args.push(sock.display().to_string());
+    let mut vm = vmm::start(&args)?;
+    if vm.wait_for(|l| l == "WAITING", BOOT_TIMEOUT).is_none() {
+        let out = vm.finish(Duration::from_secs(1))?;
+        return check(false, "guest never waited for the disk", &out);
+    }
+    let mode = std::fs::metadata(&sock)?.permissions();
+    let bad_slot = vm.control(&format!(
+        r#"{{"op":"swap","slot":1,"path":"{}"}}"#,
+        disk.display()
+    ))?;
+    let reply = vm.control(&format!(
+        r#"{{"op":"swap","slot":0,"path":"{}","read_only":true,"serial":"late"}}"#,
+        disk.display()
+    ))?;
+    let out = vm.finish(BOOT_TIMEOUT)?;
+    check(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o600,
+        "control socket is not 0600",
+        &out,
+    )?;
+    check(
+        bad_slot["ok"] == false && bad_slot["error"].as_str().unwrap_or("").contains("slot 1"),
+        &format!("out-of-range slot not refused: {bad_slot}"),
+        &out,
+    )?;
+    check(reply["ok"] == true, &format!("swap failed: {reply}"), &out)?;
+    check(
+        out.console.iter().any(|l| l == "SIZE0=0"),
+        "slot was not empty",
+        &out,
+    )?;
+    check(
+        out.console.iter().any(|l| l == "SIZE1=2048"),
+        "new capacity not seen",
+        &out,
+    )?;
+    check(
+        out.console.iter().any(|l| l == "SERIAL=late"),
+        "new serial not seen",
+        &out,
+    )?;
+    check(
+        out.console
+            .iter()
+            .any(|l| l == "DATA=swapped-in-at-runtime"),
+        "guest did not read the swapped-in disk",
+        &out,
+    )?;
+    check(out.code() == Some(0), "VMM did not exit 0", &out)
+}
+
+fn vmm_control_pause_resume_stats_shutdown() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("vmm.sock");
+    let init = busybox_initramfs(
+        dir.path(),
+        "ticker",
+        "i=0; while true; do echo TICK=$i; i=$((i+1)); sleep 0.2; done",
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend(["--control-socket".into(), sock.display().to_string()]);
+    let mut vm = vmm::start(&args)?;
+    if vm
+        .wait_for(|l| l.starts_with("TICK="), BOOT_TIMEOUT)
+        .is_none()
+    {
+        let out = vm.finish(Duration::from_secs(1))?;
+        return check(false, "guest never ticked", &out);
+    }
+    let paused = vm.control(r#"{"op":"pause"}"#)?;
+    // Drain what was in flight, then a paused guest prints nothing.
+    let _ = vm.wait_for(|_| false, Duration::from_millis(500));
+    let silent = vm.wait_for(|l| l.starts_with("TICK="), Duration::from_secs(3));
+    let stats = vm.control(r#"{"op":"stats"}"#)?;
+    let resumed = vm.control(r#"{"op":"resume"}"#)?;
+    let ticked = vm.wait_for(|l| l.starts_with("TICK="), Duration::from_secs(30));
+    let bye = vm.control(r#"{"op":"shutdown"}"#)?;
+    let out = vm.finish(Duration::from_secs(30))?;
+    check(paused["ok"] == true, &format!("pause: {paused}"), &out)?;
+    check(
+        silent.is_none(),
+        &format!("paused guest still ran: {silent:?}"),
+        &out,
+    )?;
+    let s = &stats["stats"];
+    check(
+        s["paused"] == true
+            && s["guest_touched_kib"].as_u64().unwrap_or(0) > 1024
+            && s["vmm_rss_kib"].as_u64().unwrap_or(0) > 0,
+        &format!("stats: {stats}"),
+        &out,
+    )?;
+    check(
+        resumed["ok"] == true && ticked.is_some(),
+        "guest did not resume",
+        &out,
+    )?;
+    check(bye["ok"] == true, &format!("shutdown: {bye}"), &out)?;
+    check(
+        out.code() == Some(0),
+        "VMM did not exit 0 after shutdown",
+        &out,
+    )?;
+    check(!sock.exists(), "control socket left behind", &out)
+}
+
+fn vmm_guest_reboot_and_panic_end_the_vmm() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    for (name, script) in [
+        ("reboot", "echo REBOOTING; reboot -f"),
+        // PID 1 exiting panics the kernel; panic=-1 resets at once.
+        ("panic", "echo PANICKING; exit 1"),
+    ] {
+        let init = busybox_initramfs(dir.path(), name, script)?;
+        let out = vmm::run(&vmm_args(&init, ""), BOOT_TIMEOUT)?;
+        check(
+            out.status.is_some(),
+            &format!("{name}: VMM did not end"),
+            &out,
+        )?;
+        check(
+            out.code() == Some(0),
+            &format!("{name}: VMM did not exit 0"),
+            &out,
+        )?;
+    }
     Ok(())
 }

@@ -1,17 +1,99 @@
-//! `cocoon-vmm`: the per-pod KVM VMM. Booting guests arrives with the VMM issue; until
-//! then the binary only identifies itself, so packaging and install paths can be wired.
+//! `cocoon-vmm`: see the library docs and `cocoon-vmm --help`.
 
+use cocoon_vmm::config::{ConfigError, VmConfig, USAGE};
+use cocoon_vmm::vm::{Vm, VmExit};
 use std::process::ExitCode;
 
+const EXIT_FAILED: u8 = 1;
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
+}
+
+fn init_logging(config: &VmConfig) -> Result<(), ConfigError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COCOON_VMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    match &config.log {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| ConfigError::Usage(format!("log file {}: {e}", path.display())))?;
+            builder.with_writer(std::sync::Mutex::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--help") | Some("-h") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Some("--version") | Some("-V") => {
             println!("cocoon-vmm {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        _ => {
-            eprintln!("cocoon-vmm: this build cannot run VMs yet (only --version is supported)");
-            ExitCode::from(2)
+        _ => {}
+    }
+    let bad = |e: ConfigError| {
+        eprintln!("cocoon-vmm: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    };
+    let config = match VmConfig::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => return bad(e),
+    };
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => return bad(ConfigError::Kvm(e.to_string())),
+    };
+    if let Err(e) = config.validate(kvm.get_max_vcpus() as u32, host_memory_mib()) {
+        return bad(e);
+    }
+    if let Err(e) = init_logging(&config) {
+        return bad(e);
+    }
+    let vm = match Vm::start(&kvm, &config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("cocoon-vmm: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    if let Some(path) = &config.control_socket {
+        if let Err(e) = cocoon_vmm::control::serve(path, vm.clone()) {
+            eprintln!("cocoon-vmm: {e}");
+            vm.finish(VmExit::Failed(e.to_string()));
+        }
+    }
+    let exit = vm.wait();
+    if let Some(path) = &config.control_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!(?exit, "VM ended");
+    match exit {
+        VmExit::GuestShutdown | VmExit::ControlShutdown => ExitCode::SUCCESS,
+        VmExit::Failed(why) => {
+            eprintln!("cocoon-vmm: {why}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

@@ -1,0 +1,447 @@
+//! Building and running one VM: KVM VM with in-kernel irqchip and PIT, guest memory,
+//! boot state, devices, vCPU threads; pause, resume, drive swaps, stats and shutdown.
+
+use crate::boot::{self, BootError};
+use crate::bus::Bus;
+use crate::config::VmConfig;
+use crate::devices::serial::SerialConsole;
+use crate::devices::virtio_blk::{Backing, Block, BlockError};
+use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::{GuestMemory, Irq};
+use crate::layout::*;
+use crate::mptable::{self, MpTableError};
+use crate::vcpu::{self, CpuTemplate, VcpuControl, VcpuError, VcpuStop};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {mib} MiB: {why}")]
+    Memory { mib: u64, why: String },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("drive slot {slot}: {source}")]
+    Drive { slot: usize, source: BlockError },
+    #[error("drive slot {slot} does not exist (this VM has {count} slots)")]
+    NoSuchSlot { slot: usize, count: usize },
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off, rebooted or reset.
+    GuestShutdown,
+    /// A control-socket shutdown request.
+    ControlShutdown,
+    /// A vCPU failed.
+    Failed(String),
+}
+
+/// Snapshot of the VM's resource use and state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub paused: bool,
+    /// The VMM process's resident memory, guest memory excluded.
+    pub vmm_rss_kib: u64,
+    /// Guest memory pages the host has had to back so far.
+    pub guest_touched_kib: u64,
+    pub slots: Vec<SlotStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStats {
+    pub slot: usize,
+    pub serial: String,
+    pub read_only: bool,
+    pub capacity_sectors: u64,
+}
+
+type Drive = Arc<Mutex<MmioTransport<Block>>>;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running VM.
+pub struct Vm {
+    _vm: VmFd,
+    mem: GuestMemory,
+    config: VmConfig,
+    control: Arc<VcpuControl>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    drives: Vec<Drive>,
+    paused: Mutex<bool>,
+    exit_evt: EventFd,
+    exit: Mutex<Option<VmExit>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The kernel command line: the VMM's essentials, one `virtio_mmio.device=` per drive slot,
+/// then the user's part (later parameters win).
+pub fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut c = String::from("console=ttyS0 reboot=t panic=-1 pci=off acpi=off");
+    for i in 0..config.drives.len() {
+        c += &format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+            VIRTIO_IRQ_BASE + i as u32
+        );
+    }
+    if !config.cmdline.is_empty() {
+        c.push(' ');
+        c += &config.cmdline;
+    }
+    c
+}
+
+impl Vm {
+    /// Creates the VM from a validated configuration and starts its vCPUs.
+    pub fn start(kvm: &Kvm, config: &VmConfig) -> Result<Arc<Vm>, VmError> {
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = create_memory(&vm, config.memory_mib)?;
+        mptable::write(&mem, config.vcpus)?;
+        let cmdline = kernel_cmdline(config);
+        let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
+
+        let mut bus = Bus::default();
+        let serial_out: Box<dyn Write + Send> = match config.serial.as_str() {
+            "stdout" => Box::new(std::io::stdout()),
+            "none" => Box::new(std::io::sink()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err(format!("serial output {path}")))?,
+            ),
+        };
+        let serial = SerialConsole::new(irq(&vm, COM1_IRQ)?, serial_out);
+        bus.add_pio(COM1_PORT, 8, Arc::new(Mutex::new(serial)));
+
+        let mut drives = Vec::new();
+        for (slot, d) in config.drives.iter().enumerate() {
+            let serial = d.serial.clone().unwrap_or_else(|| format!("slot{slot}"));
+            let mut block = Block::new(d.read_only, &serial);
+            if let Some(path) = &d.path {
+                block
+                    .swap(Some(Backing {
+                        path: path.clone(),
+                        read_only: d.read_only,
+                        serial: None,
+                    }))
+                    .map_err(|source| VmError::Drive { slot, source })?;
+            }
+            let gsi = VIRTIO_IRQ_BASE + slot as u32;
+            let transport = MmioTransport::new(block, mem.clone(), irq(&vm, gsi)?);
+            let drive = Arc::new(Mutex::new(transport));
+            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+            bus.add_mmio(base, VIRTIO_MMIO_SIZE, drive.clone());
+            drives.push(drive);
+        }
+        let bus = Arc::new(bus);
+
+        // vCPU threads are kicked out of KVM_RUN with this signal to pause or stop.
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Io {
+            what: "registering the vCPU kick signal".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let template = CpuTemplate::new(kvm)?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&fd, &template, id, config.vcpus, &entry)?;
+            vcpus.push(fd);
+        }
+
+        let this = Arc::new(Vm {
+            _vm: vm,
+            mem,
+            config: config.clone(),
+            control: Arc::new(VcpuControl::default()),
+            threads: Mutex::new(Vec::new()),
+            drives,
+            paused: Mutex::new(false),
+            exit_evt: EventFd::new(0).map_err(io_err("exit eventfd"))?,
+            exit: Mutex::new(None),
+        });
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let (bus, control, vm) = (bus.clone(), this.control.clone(), Arc::downgrade(&this));
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let stop = vcpu::run(fd, id as u32, bus, control);
+                    if let Some(vm) = vm.upgrade() {
+                        match stop {
+                            VcpuStop::Stopped => {}
+                            VcpuStop::GuestShutdown => vm.finish(VmExit::GuestShutdown),
+                            VcpuStop::Failed(why) => {
+                                tracing::error!(%why, "vCPU failed");
+                                vm.finish(VmExit::Failed(why))
+                            }
+                        }
+                    }
+                })
+                .map_err(io_err(format!("spawning vCPU thread {id}")))?;
+            lock(&this.threads).push(handle);
+        }
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib,
+            slots = config.drives.len(),
+            %cmdline,
+            "VM started"
+        );
+        Ok(this)
+    }
+
+    /// Records why the VM ends (the first reason wins) and wakes [`Vm::wait`].
+    pub fn finish(&self, why: VmExit) {
+        let mut exit = lock(&self.exit);
+        if exit.is_none() {
+            *exit = Some(why);
+            let _ = self.exit_evt.write(1);
+        }
+    }
+
+    /// Blocks until the VM ends, then stops every vCPU and flushes writable disks.
+    pub fn wait(&self) -> VmExit {
+        while lock(&self.exit).is_none() {
+            let _ = self.exit_evt.read();
+        }
+        self.stop_vcpus();
+        for (slot, d) in self.drives.iter().enumerate() {
+            if let Err(e) = lock(d).device_mut().flush() {
+                tracing::error!(slot, error = %e, "flushing drive at shutdown");
+            }
+        }
+        lock(&self.exit).clone().unwrap_or(VmExit::GuestShutdown)
+    }
+
+    fn kick_all(&self) {
+        for t in lock(&self.threads).iter() {
+            let _ = t.kill(SIGRTMIN());
+        }
+    }
+
+    fn stop_vcpus(&self) {
+        self.control.stop();
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in &threads {
+            while !t.is_finished() {
+                let _ = t.kill(SIGRTMIN());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops all vCPUs at their next exit (they are kicked out of the guest).
+    pub fn pause(&self) -> Result<(), VmError> {
+        let mut paused = lock(&self.paused);
+        if *paused {
+            return Ok(());
+        }
+        self.control.set_paused(true);
+        let n = lock(&self.threads).len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            self.kick_all();
+            if self.control.wait_parked(n, Duration::from_millis(2)) {
+                break;
+            }
+            if std::time::Instant::now() > deadline || self.control.is_stopping() {
+                self.control.set_paused(false);
+                return Err(VmError::PauseTimeout(Duration::from_secs(5)));
+            }
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        let mut paused = lock(&self.paused);
+        self.control.set_paused(false);
+        *paused = false;
+    }
+
+    /// Puts `backing` into drive `slot` (or empties it) and tells the guest.
+    pub fn swap_drive(&self, slot: usize, backing: Option<Backing>) -> Result<(), VmError> {
+        let drive = self.drives.get(slot).ok_or(VmError::NoSuchSlot {
+            slot,
+            count: self.drives.len(),
+        })?;
+        let mut t = lock(drive);
+        t.device_mut()
+            .swap(backing)
+            .map_err(|source| VmError::Drive { slot, source })?;
+        t.config_changed();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let touched = self.guest_touched_bytes();
+        let rss = process_rss_bytes().unwrap_or(0);
+        Stats {
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            paused: *lock(&self.paused),
+            vmm_rss_kib: rss.saturating_sub(touched) / 1024,
+            guest_touched_kib: touched / 1024,
+            slots: self
+                .drives
+                .iter()
+                .enumerate()
+                .map(|(slot, d)| {
+                    let t = lock(d);
+                    let b = t.device();
+                    SlotStats {
+                        slot,
+                        serial: b.serial().to_string(),
+                        read_only: b.is_read_only(),
+                        capacity_sectors: b.capacity_sectors(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Resident pages of guest memory (mincore over each region's mapping).
+    fn guest_touched_bytes(&self) -> u64 {
+        let page = 4096usize;
+        let mut total = 0u64;
+        for r in self.mem.iter() {
+            let len = r.len() as usize;
+            let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            // SAFETY: `host` is the start of this region's live mapping of `len` bytes
+            // (page aligned, owned by `self.mem`), and `vec` has one byte per page.
+            let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+            if rc == 0 {
+                total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64;
+            }
+        }
+        total
+    }
+}
+
+fn process_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An interrupt line: an eventfd registered as irqfd for `gsi`.
+fn irq(vm: &VmFd, gsi: u32) -> Result<Irq, VmError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("irq eventfd"))?;
+    vm.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Irq::new(fd))
+}
+
+/// Anonymous guest memory, mapped with MAP_NORESERVE: untouched pages cost the host nothing.
+fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemory, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mib << 20)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        mib,
+        why: e.to_string(),
+    })?;
+    for (slot, r) in mem.iter().enumerate() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                mib,
+                why: e.to_string(),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region describes a live mapping owned by `mem`, which the VM struct
+        // keeps for as long as the VM (and so KVM's use of the mapping) exists.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DriveConfig;
+
+    #[test]
+    fn cmdline_declares_each_slot_and_keeps_the_users_part_last() {
+        let mut c = VmConfig::from_args(&["--kernel".into(), "/k".into()]).expect("cfg");
+        c.cmdline = "quiet".into();
+        c.drives = vec![
+            DriveConfig {
+                path: None,
+                read_only: true,
+                serial: None
+            };
+            2
+        ];
+        let s = kernel_cmdline(&c);
+        assert!(s.starts_with("console=ttyS0 reboot=t panic=-1"), "{s}");
+        assert!(s.contains("virtio_mmio.device=4K@0xd0000000:5"), "{s}");
+        assert!(s.contains("virtio_mmio.device=4K@0xd0001000:6"), "{s}");
+        assert!(s.ends_with(" quiet"), "{s}");
+    }
+}
