@@ -60,7 +60,7 @@ impl Lines {
     }
 
     /// Collects whatever is left once the writer is gone (call after the child exited).
-    pub fn drain(mut self) -> Vec<String> {
+    pub fn drain(&mut self) -> Vec<String> {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

@@ -204,7 +204,7 @@ impl Lab {
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             unreachable!("stdout and stderr were set to piped")
         };
-        let lines = Lines::spawn(stdout);
+        let mut lines = Lines::spawn(stdout);
         let stderr = console::collect(stderr);
 
         let mut console = Vec::new();

@@ -139,7 +139,7 @@ pub fn boot_guest(spec: &GuestSpec) -> Result<GuestBoot, QemuError> {
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("stdout and stderr were set to piped")
     };
-    let lines = Lines::spawn(stdout);
+    let mut lines = Lines::spawn(stdout);
     let stderr = console::collect(stderr);
     let deadline = start + spec.timeout;
     let mut console = Vec::new();

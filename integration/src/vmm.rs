@@ -138,7 +138,7 @@ impl RunningVmm {
             .unwrap_or_default();
         Ok(VmmOutcome {
             status: (!killed).then_some(status),
-            console: self.console,
+            console: std::mem::take(&mut self.console),
             stderr,
             wall: self.started.elapsed(),
         })

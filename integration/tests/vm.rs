@@ -18,6 +18,28 @@ fn main() -> ExitCode {
             "guest_image_boots_under_qemu_kvm",
             guest_image_boots_under_qemu_kvm,
         ),
+        Trial::test("vmm_boots_guest_to_ready", vmm_boots_guest_to_ready),
+        Trial::test("vmm_smp_guest_sees_all_vcpus", vmm_smp_guest_sees_all_vcpus),
+        Trial::test(
+            "vmm_ext4_write_survives_shutdown",
+            vmm_ext4_write_survives_shutdown,
+        ),
+        Trial::test(
+            "vmm_read_only_disk_rejects_writes",
+            vmm_read_only_disk_rejects_writes,
+        ),
+        Trial::test(
+            "vmm_drive_swapped_into_empty_slot",
+            vmm_drive_swapped_into_empty_slot,
+        ),
+        Trial::test(
+            "vmm_control_pause_resume_stats_shutdown",
+            vmm_control_pause_resume_stats_shutdown,
+        ),
+        Trial::test(
+            "vmm_guest_reboot_and_panic_end_the_vmm",
+            vmm_guest_reboot_and_panic_end_the_vmm,
+        ),
     ])
 }
 
