@@ -6,7 +6,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab \
-        lint bench lab-shell demo clean FORCE
+        lint bench bench-vmm lab-shell demo clean FORCE
 
 all: guest build
 
@@ -57,8 +57,14 @@ test-vm: guest lab-kernel
 # The whole suite.
 test: lint test-unit test-lab test-vm
 
-bench: guest
-	$(CARGO) bench --locked -p cocoon-integration
+bench: guest lab-kernel
+	$(CARGO) build --locked --release -p cocoon-vmm
+	COCOON_VMM=$(CURDIR)/target/release/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration
+
+# cocoon-vmm against QEMU microvm: boots in the lab (or on hardware KVM), first KVM_RUN and RSS natively.
+bench-vmm: guest lab-kernel
+	$(CARGO) build --locked --release -p cocoon-vmm
+	COCOON_VMM=$(CURDIR)/target/release/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench vmm
 
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell

@@ -14,6 +14,8 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 for d in /tmp /run /var/tmp /root; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
 chmod 1777 /tmp /var/tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# KVM per-VM statistics (exit counts) for benchmarks.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 ip link set lo up 2>/dev/null
 
 job=/run/lab/job

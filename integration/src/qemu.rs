@@ -23,6 +23,8 @@ pub struct GuestBoot {
     pub console: Vec<String>,
     /// The agent's ready line, if it came.
     pub ready: Option<ReadyLine>,
+    /// Host wall time from starting QEMU to the ready line.
+    pub ready_at: Option<Duration>,
     /// QEMU's exit status (`None` when it was killed at the deadline).
     pub status: Option<ExitStatus>,
     pub timed_out: bool,
@@ -69,6 +71,9 @@ pub struct GuestSpec {
     pub timeout: Duration,
 }
 
+/// The base kernel command line for QEMU boots.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+
 impl GuestSpec {
     /// The project's guest image, told to power off once ready (`cocoon.selftest=1`).
     pub fn selftest(accel: Accel) -> Self {
@@ -101,10 +106,7 @@ impl GuestSpec {
             .arg("-initrd")
             .arg(&self.initramfs)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 reboot=t panic=-1 quiet {}",
-                self.cmdline_extra
-            ));
+            .arg(format!("{BASE_CMDLINE} {}", self.cmdline_extra));
         c
     }
 }
@@ -144,9 +146,15 @@ pub fn boot_guest(spec: &GuestSpec) -> Result<GuestBoot, QemuError> {
     let deadline = start + spec.timeout;
     let mut console = Vec::new();
     let mut timed_out = false;
+    let mut ready_at = None;
     loop {
         match lines.next_before(deadline) {
-            Next::Line(l) => console.push(l),
+            Next::Line(l) => {
+                if ready_at.is_none() && ReadyLine::parse(&l).is_ok() {
+                    ready_at = Some(start.elapsed());
+                }
+                console.push(l)
+            }
             Next::Closed => break,
             Next::Deadline => {
                 timed_out = true;
@@ -161,6 +169,7 @@ pub fn boot_guest(spec: &GuestSpec) -> Result<GuestBoot, QemuError> {
     let ready = console.iter().find_map(|l| ReadyLine::parse(l).ok());
     Ok(GuestBoot {
         ready,
+        ready_at,
         status: (!timed_out).then_some(status),
         timed_out,
         wall,
