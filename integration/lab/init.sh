@@ -39,4 +39,6 @@ echo "$status" >"$job/status.tmp" && mv "$job/status.tmp" "$job/status"
 sync
 echo "cocoon-lab: exit $status"
 echo o >/proc/sysrq-trigger
-sleep 30
+# Power-off is asynchronous and tears down the 9p root: wait with shell builtins only,
+# since init exiting would panic the lab.
+while :; do :; done

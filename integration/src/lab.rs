@@ -211,10 +211,14 @@ impl Lab {
         let mut output = Vec::new();
         let mut up_at: Option<Instant> = None;
         let mut timed_out = false;
+        let mut done = false;
         let mut handle = |line: String, up_at: &mut Option<Instant>| {
             if up_at.is_none() && line.contains(UP_MARKER) {
                 *up_at = Some(Instant::now());
-            } else if up_at.is_some() && !line.starts_with(EXIT_MARKER) {
+            } else if line.starts_with(EXIT_MARKER) {
+                // What follows is the lab powering off, not the command's output.
+                done = true;
+            } else if up_at.is_some() && !done {
                 if job.echo {
                     eprintln!("lab| {line}");
                 }
