@@ -28,6 +28,13 @@ $(BUILD)/cocoon-agent: FORCE
 	@mkdir -p $(BUILD)
 	cp target/$(TARGET)/release/cocoon-agent $@
 
+# The VMM for benchmarks and installs: static too (less to load, ~1 MiB less RSS).
+$(BUILD)/cocoon-vmm: FORCE
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+	    --target $(TARGET) -p cocoon-vmm
+	@mkdir -p $(BUILD)
+	cp target/$(TARGET)/release/cocoon-vmm $@
+
 rootfs: $(BUILD)/cocoon-agent
 	rootfs/mkinitramfs.py $(BUILD)/cocoon-agent $(BUILD)/initramfs.cpio
 	@echo "rootfs: $(BUILD)/initramfs.cpio ($$(stat -c %s $(BUILD)/initramfs.cpio) bytes)"
@@ -57,20 +64,20 @@ test-vm: guest lab-kernel
 # The whole suite.
 test: lint test-unit test-lab test-vm
 
-bench: guest lab-kernel
-	$(CARGO) build --locked --release -p cocoon-vmm
-	COCOON_VMM=$(CURDIR)/target/release/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration
+bench: guest lab-kernel $(BUILD)/cocoon-vmm
+	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration
 
 # cocoon-vmm against QEMU microvm: boots in the lab (or on hardware KVM), first KVM_RUN and RSS natively.
-bench-vmm: guest lab-kernel
-	$(CARGO) build --locked --release -p cocoon-vmm
-	COCOON_VMM=$(CURDIR)/target/release/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench vmm
+bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm
+	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench vmm
 
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell
 
-# The main job, for what exists so far: install, build the guest image, boot it.
-demo: deps guest
+# The main job, for what exists so far: install, build the guest image and cocoon-vmm,
+# boot the guest (inside the test lab on hosts whose KVM cannot boot Linux).
+demo: deps guest lab-kernel
+	$(CARGO) build --locked -q -p cocoon-vmm
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-boot-guest
 
 clean:

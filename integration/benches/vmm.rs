@@ -109,9 +109,14 @@ fn native() -> Result<ExitCode, String> {
             .map_err(|e| format!("stats: {e}"))?;
         rss.push(stats["stats"]["vmm_rss_kib"].as_f64().unwrap_or(f64::NAN));
         let _ = vm.control(r#"{"op":"shutdown"}"#);
-        let out = vm.finish(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let out = vm
+            .finish(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
         if out.code() != Some(0) {
-            return Err(format!("cocoon-vmm did not shut down cleanly:\n{}", out.transcript()));
+            return Err(format!(
+                "cocoon-vmm did not shut down cleanly:\n{}",
+                out.transcript()
+            ));
         }
     }
     figure("vmm.first_run_ms", &first_run);
@@ -209,7 +214,11 @@ fn qemu_boot() -> Result<Boot, String> {
             exit_ms: b.wall.as_secs_f64() * 1e3,
             exits: exits as f64,
         }),
-        _ => Err(format!("QEMU boot failed:\n{}\n{}", b.console_text(), b.qemu_stderr)),
+        _ => Err(format!(
+            "QEMU boot failed:\n{}\n{}",
+            b.console_text(),
+            b.qemu_stderr
+        )),
     }
 }
 

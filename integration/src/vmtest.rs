@@ -51,18 +51,34 @@ fn try_rerun_in_lab(what: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
     argv.extend(std::env::args().skip(1));
     let mut job = Job::new(argv);
     job.timeout = timeout;
-    let run = lab.run(&job)?;
+    let mut run = lab.run(&job)?;
+    if run.outcome == Outcome::Panicked {
+        // Seen rarely: QEMU's TCG executing stale code after the lab kernel patches its
+        // own text (a fault of the emulated machine, not of the work inside it).
+        eprintln!(
+            "{what}: the lab kernel panicked; retrying once\n--- last console lines ---\n{}",
+            run.console_tail(30)
+        );
+        run = lab.run(&job)?;
+    }
     eprintln!(
         "{what}: lab boot {:.1}s, total {:.1}s{}",
         run.boot.map(|b| b.as_secs_f64()).unwrap_or(0.0),
         run.wall.as_secs_f64(),
-        if run.attempts > 1 { " (after one retry)" } else { "" }
+        if run.attempts > 1 {
+            " (after one retry)"
+        } else {
+            ""
+        }
     );
     match &run.outcome {
         Outcome::Exited(0) => Ok(ExitCode::SUCCESS),
         Outcome::Exited(c) => Ok(ExitCode::from(u8::try_from(*c).unwrap_or(1).max(1))),
         other => {
-            anyhow::bail!("{other}\n--- last console lines ---\n{}", run.console_tail(40))
+            anyhow::bail!(
+                "{other}\n--- last console lines ---\n{}",
+                run.console_tail(40)
+            )
         }
     }
 }
@@ -75,12 +91,18 @@ pub fn main(trials: Vec<Trial>) -> ExitCode {
     }
     match placement() {
         Placement::Here { kvm, in_lab } => {
-            let place = if in_lab { "inside the test lab" } else { "directly on this host" };
+            let place = if in_lab {
+                "inside the test lab"
+            } else {
+                "directly on this host"
+            };
             eprintln!("vm tests: {kvm}: running {place}");
             libtest_mimic::run(&args, trials).exit_code()
         }
         Placement::Broken { kvm } => {
-            eprintln!("vm tests: KVM inside the test lab is unusable ({kvm}); the lab kernel is misbuilt");
+            eprintln!(
+                "vm tests: KVM inside the test lab is unusable ({kvm}); the lab kernel is misbuilt"
+            );
             ExitCode::FAILURE
         }
         Placement::Lab { kvm } => {

@@ -6,12 +6,19 @@ use crate::layout::*;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const PAGE: u64 = 4096;
+const MAX_PHDRS: u16 = 64;
+const MAX_NOTES: u64 = 64 * 1024;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
@@ -56,14 +63,12 @@ pub fn load(
         path: kernel.into(),
         why,
     };
-    let mut file = std::fs::File::open(kernel).map_err(|e| kerr(e.to_string()))?;
-    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-        .map_err(|e| kerr(e.to_string()))?;
-    let entry = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => addr,
-        _ => return Err(BootError::NoPvhEntry(kernel.into())),
-    };
-    let kernel_end = loaded.kernel_end;
+    let file = File::open(kernel).map_err(|e| kerr(e.to_string()))?;
+    let elf = parse_elf(&file).map_err(kerr)?;
+    let entry = elf
+        .pvh_entry
+        .ok_or_else(|| BootError::NoPvhEntry(kernel.into()))?;
+    let kernel_end = load_segments(mem, &file, &elf.segments).map_err(kerr)?;
 
     let mut cmd = cmdline.as_bytes().to_vec();
     cmd.push(0);
@@ -103,6 +108,192 @@ pub fn load(
     })
 }
 
+/// A loadable part of the kernel image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    paddr: u64,
+    offset: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+#[derive(Debug)]
+struct ElfKernel {
+    segments: Vec<Segment>,
+    pvh_entry: Option<GuestAddress>,
+}
+
+fn read_at(file: &File, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|e| format!("reading {len} bytes at offset {offset:#x}: {e}"))?;
+    Ok(buf)
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(v)
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+/// Reads the program headers of a 64-bit x86 ELF kernel and its PVH entry note.
+fn parse_elf(file: &File) -> Result<ElfKernel, String> {
+    let ehdr = read_at(file, 0, 64)?;
+    if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
+        return Err("not a 64-bit little-endian ELF".into());
+    }
+    if u16::from_le_bytes([ehdr[18], ehdr[19]]) != 62 {
+        return Err("not an x86-64 ELF".into());
+    }
+    let phoff = le64(&ehdr, 0x20);
+    let phentsize = u16::from_le_bytes([ehdr[0x36], ehdr[0x37]]);
+    let phnum = u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]);
+    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+        return Err(format!(
+            "unexpected program headers ({phnum} of {phentsize} bytes)"
+        ));
+    }
+    let phdrs = read_at(file, phoff, 56 * phnum as usize)?;
+    let mut segments = Vec::new();
+    let mut pvh_entry = None;
+    for ph in phdrs.chunks_exact(56) {
+        let (kind, offset, paddr) = (le32(ph, 0), le64(ph, 8), le64(ph, 24));
+        let (filesz, memsz) = (le64(ph, 32), le64(ph, 40));
+        match kind {
+            PT_LOAD if filesz > memsz => {
+                return Err(format!("segment at {paddr:#x} has filesz > memsz"))
+            }
+            PT_LOAD => segments.push(Segment {
+                paddr,
+                offset,
+                filesz,
+                memsz,
+            }),
+            PT_NOTE if filesz <= MAX_NOTES => {
+                let notes = read_at(file, offset, filesz as usize)?;
+                pvh_entry = pvh_entry.or(find_pvh_entry(&notes));
+            }
+            _ => {}
+        }
+    }
+    if segments.is_empty() {
+        return Err("no loadable segments".into());
+    }
+    Ok(ElfKernel {
+        segments,
+        pvh_entry,
+    })
+}
+
+/// Walks ELF notes for Xen's PHYS32_ENTRY (the PVH entry point). Malformed notes end the walk.
+fn find_pvh_entry(notes: &[u8]) -> Option<GuestAddress> {
+    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    let mut at = 0usize;
+    while at.checked_add(12)? <= notes.len() {
+        let namesz = le32(notes, at) as usize;
+        let descsz = le32(notes, at + 4) as usize;
+        let kind = le32(notes, at + 8);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(align4(namesz)?)?;
+        let next = desc_at.checked_add(align4(descsz)?)?;
+        if next > notes.len() {
+            return None;
+        }
+        if kind == XEN_ELFNOTE_PHYS32_ENTRY && notes.get(name_at..name_at + namesz)? == b"Xen\0" {
+            return match descsz {
+                4 => Some(GuestAddress(le32(notes, desc_at) as u64)),
+                8 => Some(GuestAddress(le64(notes, desc_at))),
+                _ => None,
+            };
+        }
+        at = next;
+    }
+    None
+}
+
+/// Host address of guest range [addr, addr+len), which must lie in one RAM region.
+fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
+    let region = mem.find_region(GuestAddress(addr))?;
+    let start = region.start_addr().raw_value();
+    let end = addr.checked_add(len)?;
+    if end > start.checked_add(region.len())? {
+        return None;
+    }
+    region
+        .get_host_address(vm_memory::MemoryRegionAddress(addr - start))
+        .ok()
+}
+
+/// Puts `len` bytes of `file` from `offset` at guest address `paddr`. Whole pages are
+/// mapped copy-on-write from the file rather than read: nothing is copied at start-up, and
+/// VMs booting the same image share its untouched pages in the page cache. Partial pages
+/// (and ranges not page aligned) are copied.
+fn place(mem: &GuestMemory, file: &File, paddr: u64, offset: u64, len: u64) -> Result<(), String> {
+    let mut copied_from = 0;
+    let whole = len & !(PAGE - 1);
+    if paddr.is_multiple_of(PAGE) && offset.is_multiple_of(PAGE) && whole > 0 {
+        let host = host_range(mem, paddr, whole)
+            .ok_or_else(|| format!("range {paddr:#x}+{whole:#x} outside guest memory"))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| format!("file offset {offset:#x} too large"))?;
+        // SAFETY: `host..host+whole` lies inside one live guest memory mapping owned by
+        // `mem` (checked by host_range) and is page aligned; MAP_FIXED replaces those
+        // pages with a private copy-on-write view of the file, which is what the guest
+        // would otherwise get by copying. No Rust reference to that memory exists.
+        let p = unsafe {
+            libc::mmap(
+                host.cast(),
+                whole as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED || p != host.cast() {
+            return Err(format!(
+                "mapping {paddr:#x}+{whole:#x}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        copied_from = whole;
+    }
+    let rest = len - copied_from;
+    if rest > 0 {
+        let n = usize::try_from(rest).map_err(|_| "range too large".to_string())?;
+        let data = read_at(file, offset + copied_from, n)?;
+        mem.write_slice(&data, GuestAddress(paddr + copied_from))
+            .map_err(|e| format!("copying to {paddr:#x}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Puts the kernel's segments into guest memory (see [`place`]).
+fn load_segments(mem: &GuestMemory, file: &File, segments: &[Segment]) -> Result<u64, String> {
+    let mut end = 0;
+    for seg in segments {
+        let seg_end = seg
+            .paddr
+            .checked_add(seg.memsz)
+            .filter(|e| host_range(mem, seg.paddr, seg.memsz).is_some() && *e > 0)
+            .ok_or_else(|| {
+                format!(
+                    "segment {:#x}+{:#x} does not fit in guest memory",
+                    seg.paddr, seg.memsz
+                )
+            })?;
+        end = end.max(seg_end);
+        place(mem, file, seg.paddr, seg.offset, seg.filesz)?;
+    }
+    Ok(end)
+}
+
 /// Places the initramfs page-aligned at the top of low RAM, clear of the kernel.
 fn load_initramfs(
     mem: &GuestMemory,
@@ -113,18 +304,17 @@ fn load_initramfs(
         path: path.into(),
         why,
     };
-    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let size = data.len() as u64;
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
     let low_end = mem
         .iter()
         .find(|r| r.start_addr().raw_value() == 0)
         .map(|r| r.len())
         .unwrap_or(0);
-    let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
+    let addr = low_end.checked_sub(size).map(|a| a & !(PAGE - 1));
     match addr {
-        Some(addr) if addr >= kernel_end => {
-            mem.write_slice(&data, GuestAddress(addr))
-                .map_err(mem_err("initramfs"))?;
+        Some(addr) if addr >= kernel_end && size > 0 => {
+            place(mem, &file, addr, 0, size).map_err(err)?;
             Ok(hvm_modlist_entry {
                 paddr: addr,
                 size,
@@ -189,6 +379,95 @@ fn write_gdt(mem: &GuestMemory) -> Result<(), BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        n.extend_from_slice(&kind.to_le_bytes());
+        n.extend_from_slice(name);
+        n.resize(n.len().div_ceil(4) * 4, 0);
+        n.extend_from_slice(desc);
+        n.resize(n.len().div_ceil(4) * 4, 0);
+        n
+    }
+
+    #[test]
+    fn pvh_note_is_found_among_others_and_garbage_is_safe() {
+        let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5]);
+        notes.extend(note(b"Xen\0", 18, &0x0100_0abcu32.to_le_bytes()));
+        assert_eq!(find_pvh_entry(&notes), Some(GuestAddress(0x0100_0abc)));
+        assert_eq!(find_pvh_entry(&note(b"Xen\0", 17, &[0; 4])), None);
+        assert_eq!(find_pvh_entry(&[0xff; 11]), None);
+        let mut huge = note(b"Xen\0", 18, &[0; 4]);
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(find_pvh_entry(&huge), None);
+        for len in 0..notes.len() {
+            let _ = find_pvh_entry(&notes[..len]);
+        }
+    }
+
+    /// A tiny ELF with one page-aligned segment of 1.5 pages and a PVH note.
+    fn tiny_elf(dir: &std::path::Path) -> std::path::PathBuf {
+        let mut f = vec![0u8; 0x3000];
+        f[..4].copy_from_slice(b"\x7fELF");
+        (f[4], f[5], f[18]) = (2, 1, 62);
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        let ph = |k: u32, off: u64, paddr: u64, filesz: u64, memsz: u64| {
+            let mut p = vec![0u8; 56];
+            p[0..4].copy_from_slice(&k.to_le_bytes());
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[24..32].copy_from_slice(&paddr.to_le_bytes());
+            p[32..40].copy_from_slice(&filesz.to_le_bytes());
+            p[40..48].copy_from_slice(&memsz.to_le_bytes());
+            p
+        };
+        f[64..120].copy_from_slice(&ph(PT_LOAD, 0x1000, 0x20_0000, 0x1800, 0x3000));
+        let n = note(b"Xen\0", 18, &0x20_0010u32.to_le_bytes());
+        f[120..176].copy_from_slice(&ph(PT_NOTE, 0x800, 0, n.len() as u64, n.len() as u64));
+        f[0x800..0x800 + n.len()].copy_from_slice(&n);
+        for (i, b) in f[0x1000..0x2800].iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let p = dir.join("vmlinux");
+        std::fs::write(&p, &f).expect("write");
+        p
+    }
+
+    #[test]
+    fn kernel_segments_are_mapped_and_copied_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = tiny_elf(dir.path());
+        let file = File::open(&path).expect("open");
+        let elf = parse_elf(&file).expect("parse");
+        assert_eq!(elf.pvh_entry, Some(GuestAddress(0x20_0010)));
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mem");
+        let end = load_segments(&mem, &file, &elf.segments).expect("load");
+        assert_eq!(end, 0x20_3000);
+        let mut got = vec![0u8; 0x3000];
+        mem.read_slice(&mut got, GuestAddress(0x20_0000))
+            .expect("read");
+        let want: Vec<u8> = (0..0x3000)
+            .map(|i| if i < 0x1800 { (i % 251) as u8 + 1 } else { 0 })
+            .collect();
+        assert!(got == want, "segment contents differ");
+        // Guest writes stay private: the file is unchanged.
+        mem.write_slice(&[0xee; 16], GuestAddress(0x20_0000))
+            .expect("write");
+        assert_eq!(std::fs::read(&path).expect("read")[0x1000], 1);
+    }
+
+    #[test]
+    fn kernels_that_do_not_fit_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::open(tiny_elf(dir.path())).expect("open");
+        let elf = parse_elf(&file).expect("parse");
+        let small = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("mem");
+        let e = load_segments(&small, &file, &elf.segments).expect_err("too small");
+        assert!(e.contains("does not fit"), "{e}");
+    }
 
     #[test]
     fn gdt_entries_match_the_flat_segments() {

@@ -143,62 +143,20 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = create_memory(&vm, config.memory_mib)?;
-        mptable::write(&mem, config.vcpus)?;
-        let cmdline = kernel_cmdline(config);
-        let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
-
-        let mut bus = Bus::default();
-        let serial_out: Box<dyn Write + Send> = match config.serial.as_str() {
-            "stdout" => Box::new(std::io::stdout()),
-            "none" => Box::new(std::io::sink()),
-            path => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(io_err(format!("serial output {path}")))?,
-            ),
-        };
-        let serial = SerialConsole::new(irq(&vm, COM1_IRQ)?, serial_out);
-        bus.add_pio(COM1_PORT, 8, Arc::new(Mutex::new(serial)));
-
-        let mut drives = Vec::new();
-        for (slot, d) in config.drives.iter().enumerate() {
-            let serial = d.serial.clone().unwrap_or_else(|| format!("slot{slot}"));
-            let mut block = Block::new(d.read_only, &serial);
-            if let Some(path) = &d.path {
-                block
-                    .swap(Some(Backing {
-                        path: path.clone(),
-                        read_only: d.read_only,
-                        serial: None,
-                    }))
-                    .map_err(|source| VmError::Drive { slot, source })?;
-            }
-            let gsi = VIRTIO_IRQ_BASE + slot as u32;
-            let transport = MmioTransport::new(block, mem.clone(), irq(&vm, gsi)?);
-            let drive = Arc::new(Mutex::new(transport));
-            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-            bus.add_mmio(base, VIRTIO_MMIO_SIZE, drive.clone());
-            drives.push(drive);
-        }
-        let bus = Arc::new(bus);
-
-        // vCPU threads are kicked out of KVM_RUN with this signal to pause or stop.
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Io {
-            what: "registering the vCPU kick signal".into(),
-            source: std::io::Error::from_raw_os_error(e.errno()),
+        let mem = create_memory(config.memory_mib)?;
+        // Registering memory with KVM takes milliseconds (an SRCU grace period); it only
+        // has to be done before the first KVM_RUN, so it overlaps the rest of the set-up.
+        let (bus, drives, vcpus) = std::thread::scope(|scope| {
+            let registration = scope.spawn(|| register_memory(&vm, &mem, config.memory_mib));
+            let rest = Self::build(kvm, &vm, &mem, config);
+            let registered = registration.join().unwrap_or_else(|_| {
+                Err(VmError::Memory {
+                    mib: config.memory_mib,
+                    why: "memory registration thread panicked".into(),
+                })
+            });
+            registered.and(rest)
         })?;
-        let template = CpuTemplate::new(kvm)?;
-        let mut vcpus = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(id as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu::configure(&fd, &template, id, config.vcpus, &entry)?;
-            vcpus.push(fd);
-        }
 
         let this = Arc::new(Vm {
             _vm: vm,
@@ -235,10 +193,77 @@ impl Vm {
             vcpus = config.vcpus,
             memory_mib = config.memory_mib,
             slots = config.drives.len(),
-            %cmdline,
+            cmdline = %kernel_cmdline(config),
             "VM started"
         );
         Ok(this)
+    }
+
+    /// Boot state, devices and configured vCPUs.
+    #[allow(clippy::type_complexity)]
+    fn build(
+        kvm: &Kvm,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        config: &VmConfig,
+    ) -> Result<(Arc<Bus>, Vec<Drive>, Vec<kvm_ioctls::VcpuFd>), VmError> {
+        mptable::write(mem, config.vcpus)?;
+        let cmdline = kernel_cmdline(config);
+        let entry = boot::load(mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
+
+        let mut bus = Bus::default();
+        let serial_out: Box<dyn Write + Send> = match config.serial.as_str() {
+            "stdout" => Box::new(std::io::stdout()),
+            "none" => Box::new(std::io::sink()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err(format!("serial output {path}")))?,
+            ),
+        };
+        let serial = SerialConsole::new(irq(vm, COM1_IRQ)?, serial_out);
+        bus.add_pio(COM1_PORT, 8, Arc::new(Mutex::new(serial)));
+
+        let mut drives = Vec::new();
+        for (slot, d) in config.drives.iter().enumerate() {
+            let serial = d.serial.clone().unwrap_or_else(|| format!("slot{slot}"));
+            let mut block = Block::new(d.read_only, &serial);
+            if let Some(path) = &d.path {
+                block
+                    .swap(Some(Backing {
+                        path: path.clone(),
+                        read_only: d.read_only,
+                        serial: None,
+                    }))
+                    .map_err(|source| VmError::Drive { slot, source })?;
+            }
+            let gsi = VIRTIO_IRQ_BASE + slot as u32;
+            let transport = MmioTransport::new(block, mem.clone(), irq(vm, gsi)?);
+            let drive = Arc::new(Mutex::new(transport));
+            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+            bus.add_mmio(base, VIRTIO_MMIO_SIZE, drive.clone());
+            drives.push(drive);
+        }
+        let bus = Arc::new(bus);
+
+        // vCPU threads are kicked out of KVM_RUN with this signal to pause or stop.
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Io {
+            what: "registering the vCPU kick signal".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let template = CpuTemplate::new(kvm)?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&fd, &template, id, config.vcpus, &entry)?;
+            vcpus.push(fd);
+        }
+
+        Ok((bus, drives, vcpus))
     }
 
     /// Records why the VM ends (the first reason wins) and wakes [`Vm::wait`].
@@ -354,25 +379,48 @@ impl Vm {
         }
     }
 
-    /// Resident pages of guest memory (mincore over each region's mapping).
+    /// Guest memory this process has resident: the Rss of every mapping inside the guest
+    /// regions (anonymous pages the guest touched, and kernel/initramfs file pages it
+    /// mapped), from /proc/self/smaps.
     fn guest_touched_bytes(&self) -> u64 {
-        let page = 4096usize;
-        let mut total = 0u64;
-        for r in self.mem.iter() {
-            let len = r.len() as usize;
-            let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+        let ranges: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as u64;
+                Some((host, host + r.len()))
+            })
+            .collect();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        rss_within(&smaps, &ranges)
+    }
+}
+
+/// Sums `Rss:` of the smaps entries that lie inside one of `ranges` (host addresses).
+fn rss_within(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+    let mut total = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = ranges.iter().any(|(lo, hi)| start >= *lo && end <= *hi);
                 continue;
-            };
-            let mut vec = vec![0u8; len.div_ceil(page)];
-            // SAFETY: `host` is the start of this region's live mapping of `len` bytes
-            // (page aligned, owned by `self.mem`), and `vec` has one byte per page.
-            let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
-            if rc == 0 {
-                total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64;
             }
         }
-        total
+        if inside {
+            if let Some(kib) = line.strip_prefix("Rss:") {
+                let kib: u64 = kib
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                total += kib * 1024;
+            }
+        }
     }
+    total
 }
 
 fn process_rss_bytes() -> Option<u64> {
@@ -390,15 +438,19 @@ fn irq(vm: &VmFd, gsi: u32) -> Result<Irq, VmError> {
 }
 
 /// Anonymous guest memory, mapped with MAP_NORESERVE: untouched pages cost the host nothing.
-fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemory, VmError> {
+fn create_memory(mib: u64) -> Result<GuestMemory, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mib << 20)
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| VmError::Memory {
+    GuestMemory::from_ranges(&ranges).map_err(|e| VmError::Memory {
         mib,
         why: e.to_string(),
-    })?;
+    })
+}
+
+/// Hands guest memory to KVM, one memslot per region.
+fn register_memory(vm: &VmFd, mem: &GuestMemory, mib: u64) -> Result<(), VmError> {
     for (slot, r) in mem.iter().enumerate() {
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -418,13 +470,30 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemory, VmError> {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::DriveConfig;
+
+    #[test]
+    fn smaps_rss_is_summed_inside_guest_ranges_only() {
+        let smaps = "\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                 100 kB
+7f0000100000-7f0000200000 rw-p 00200000 08:01 42 /vmlinux
+Rss:                  20 kB
+7f0000300000-7f0000400000 rw-p 00000000 00:00 0
+Rss:                 999 kB
+VmFlags: rd wr
+";
+        let ranges = [(0x7f00_0000_0000, 0x7f00_0020_0000)];
+        assert_eq!(rss_within(smaps, &ranges), 120 * 1024);
+        assert_eq!(rss_within("garbage\nRss: 5 kB\n", &ranges), 0);
+    }
 
     #[test]
     fn cmdline_declares_each_slot_and_keeps_the_users_part_last() {

@@ -17,7 +17,10 @@ fn vmlinux() -> String {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(VMM).args(args).output().expect("run cocoon-vmm")
+    Command::new(VMM)
+        .args(args)
+        .output()
+        .expect("run cocoon-vmm")
 }
 
 fn assert_bad(out: Output, want: &str) {
@@ -29,7 +32,10 @@ fn assert_bad(out: Output, want: &str) {
 
 #[test]
 fn missing_kernel() {
-    assert_bad(run(&["--kernel", "/nonexistent/vmlinux"]), "kernel /nonexistent/vmlinux");
+    assert_bad(
+        run(&["--kernel", "/nonexistent/vmlinux"]),
+        "kernel /nonexistent/vmlinux",
+    );
 }
 
 #[test]
@@ -37,14 +43,20 @@ fn non_elf_kernel() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bz = dir.path().join("bzImage");
     std::fs::write(&bz, b"MZ not an elf at all, just bytes").expect("write");
-    assert_bad(run(&["--kernel", &bz.display().to_string()]), "not an ELF file");
+    assert_bad(
+        run(&["--kernel", &bz.display().to_string()]),
+        "not an ELF file",
+    );
 }
 
 #[test]
 fn memory_out_of_range() {
     let k = vmlinux();
     assert_bad(run(&["--kernel", &k, "--memory-mib", "8"]), "too small");
-    assert_bad(run(&["--kernel", &k, "--memory-mib", "100000000"]), "too large");
+    assert_bad(
+        run(&["--kernel", &k, "--memory-mib", "100000000"]),
+        "too large",
+    );
 }
 
 #[test]
@@ -58,7 +70,14 @@ fn vcpus_beyond_limit() {
 fn missing_disk_file() {
     let k = vmlinux();
     assert_bad(
-        run(&["--kernel", &k, "--drive", "empty", "--drive", "path=/nonexistent.img"]),
+        run(&[
+            "--kernel",
+            &k,
+            "--drive",
+            "empty",
+            "--drive",
+            "path=/nonexistent.img",
+        ]),
         "drive 1 (/nonexistent.img)",
     );
 }
@@ -78,7 +97,10 @@ fn bad_json_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("vm.json");
     std::fs::write(&cfg, r#"{"kernel": "/k", "memory": 5}"#).expect("write");
-    assert_bad(run(&["--config", &cfg.display().to_string()]), "unknown field `memory`");
+    assert_bad(
+        run(&["--config", &cfg.display().to_string()]),
+        "unknown field `memory`",
+    );
 }
 
 #[test]
