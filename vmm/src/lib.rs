@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod event_loop;
 pub mod layout;
 pub mod mptable;
 pub mod vcpu;

@@ -23,12 +23,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 use vmm_sys_util::write_zeroes::WriteZeroesAt;
 
-use super::virtio_mmio::{guest_warn, VirtioDevice, WarnLimiter};
+use super::virtio_mmio::{guest_warn, Queues, VirtioDevice, WarnLimiter};
 use super::GuestMemory;
 
 /// Virtio device ID of a block device.
@@ -869,11 +869,11 @@ impl VirtioDevice for Block {
         self.acked_features = acked_features;
     }
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        if index != 0 {
+    fn process_queue(&mut self, index: usize, queues: &mut Queues<'_>, mem: &GuestMemory) -> bool {
+        let Some(queue) = queues.get(index).filter(|_| index == 0) else {
             guest_warn!(self.warn, index, "virtio-blk: notify for a missing queue");
             return false;
-        }
+        };
         // Snapshot what is available now (at most the queue size); later chains come
         // with their own notification, since we never suppress them.
         let chains: Vec<_> = match queue.iter(mem) {
@@ -995,8 +995,8 @@ mod tests {
             })
             .collect();
         vq.add_desc_chains(&raw, 0).unwrap();
-        let mut queue: Queue = vq.create_queue().unwrap();
-        let used = blk.process_queue(0, &mut queue, mem);
+        let mut queue: virtio_queue::Queue = vq.create_queue().unwrap();
+        let used = blk.process_queue(0, &mut Queues::new(vec![Some(&mut queue)]), mem);
         if vq.used().idx().load() == 0 {
             assert!(!used);
             return None;
@@ -1495,17 +1495,17 @@ mod tests {
         vq.avail().ring().ref_at(0).unwrap().store(100);
         vq.avail().ring().ref_at(1).unwrap().store(0);
         vq.avail().idx().store(2);
-        let mut queue: Queue = vq.create_queue().unwrap();
-        blk.process_queue(0, &mut queue, &mem);
+        let mut queue: virtio_queue::Queue = vq.create_queue().unwrap();
+        blk.process_queue(0, &mut Queues::new(vec![Some(&mut queue)]), &mem);
         // The looping chain ends at the queue size and has no status: returned with 0.
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 0);
 
         // An available index running ahead of the queue size is refused.
         vq.avail().idx().store(500);
-        assert!(!blk.process_queue(0, &mut queue, &mem));
+        assert!(!blk.process_queue(0, &mut Queues::new(vec![Some(&mut queue)]), &mem));
         // Only queue 0 exists.
-        assert!(!blk.process_queue(1, &mut queue, &mem));
+        assert!(!blk.process_queue(1, &mut Queues::new(vec![Some(&mut queue)]), &mem));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::EventSet;
 
 use super::{GuestMemory, Irq, MmioDevice};
 
@@ -72,11 +73,42 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK with every ready queue valid.
     fn activate(&mut self, acked_features: u64);
-    /// Drains `queue` after the driver notified it; returns whether any buffer was used
-    /// (the transport then interrupts the guest).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// Drains queue `index` after the driver notified it; returns whether any buffer was
+    /// used (the transport then interrupts the guest). `queues` holds every queue the
+    /// driver made ready, so a device can answer on another queue.
+    fn process_queue(&mut self, index: usize, queues: &mut Queues<'_>, mem: &GuestMemory) -> bool;
+    /// A host fd the device registered with the I/O loop is ready (see
+    /// `crate::event_loop`); returns whether any buffer was used. Only called once the
+    /// device is activated.
+    fn backend_event(
+        &mut self,
+        _tag: u32,
+        _events: EventSet,
+        _queues: &mut Queues<'_>,
+        _mem: &GuestMemory,
+    ) -> bool {
+        false
+    }
     /// The driver reset the device: forget negotiated state.
     fn reset(&mut self);
+}
+
+/// A device's view of its virtqueues: only those the driver made ready with a valid
+/// configuration are reachable.
+pub struct Queues<'a> {
+    queues: Vec<Option<&'a mut Queue>>,
+}
+
+impl<'a> Queues<'a> {
+    /// From queues by index (`None`: not ready). Tests build it directly.
+    pub fn new(queues: Vec<Option<&'a mut Queue>>) -> Self {
+        Queues { queues }
+    }
+
+    /// Queue `index`, if the driver made it ready.
+    pub fn get(&mut self, index: usize) -> Option<&mut Queue> {
+        self.queues.get_mut(index).and_then(|q| q.as_deref_mut())
+    }
 }
 
 /// Caps guest-triggered warnings so a hostile guest cannot flood the log: at most
@@ -487,9 +519,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
             );
             return;
         }
-        if self.device.process_queue(index, &mut slot.queue, &self.mem) {
+        let mut queues = Self::ready_queues(&mut self.queues);
+        if self.device.process_queue(index, &mut queues, &self.mem) {
             self.raise(INT_USED_BUFFER);
         }
+    }
+
+    fn ready_queues(slots: &mut [QueueSlot]) -> Queues<'_> {
+        Queues::new(
+            slots
+                .iter_mut()
+                .map(|s| (s.ready && s.valid).then_some(&mut s.queue))
+                .collect(),
+        )
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
@@ -609,6 +651,21 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
     }
 }
 
+impl<D: VirtioDevice> crate::event_loop::BackendHandler for MmioTransport<D> {
+    fn handle(&mut self, tag: u32, events: EventSet) {
+        if !self.activated || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        let mut queues = Self::ready_queues(&mut self.queues);
+        if self
+            .device
+            .backend_event(tag, events, &mut queues, &self.mem)
+        {
+            self.raise(INT_USED_BUFFER);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
@@ -659,8 +716,14 @@ mod tests {
         fn activate(&mut self, acked_features: u64) {
             self.activated = Some(acked_features);
         }
-        fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        fn process_queue(
+            &mut self,
+            index: usize,
+            queues: &mut Queues<'_>,
+            mem: &GuestMemory,
+        ) -> bool {
             self.processed.push(index);
+            let queue = queues.get(index).unwrap();
             let mut used = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 queue.add_used(mem, chain.head_index(), 7).unwrap();
