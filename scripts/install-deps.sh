@@ -8,7 +8,7 @@ BASE_PKGS=(
   build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
   linux-source-6.1
   e2fsprogs erofs-utils busybox-static
-  iproute2 util-linux procps
+  iproute2 util-linux procps python3
 )
 # QEMU 10 from bookworm-backports: the lab needs it (QEMU 7.2's TCG froze the lab),
 # and its qboot.rom firmware avoids SeaBIOS' 30 s stall.
