@@ -28,6 +28,51 @@ pub struct DriveConfig {
     pub serial: Option<String>,
 }
 
+/// The vsock device: host side is Unix sockets (docs/vsock.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Host processes connect here (`CONNECT <port>`); guest connections to host port P
+    /// go to `<path>_<P>`.
+    pub path: PathBuf,
+    /// The guest's context ID (3 and up).
+    #[serde(default = "default_cid")]
+    pub cid: u64,
+}
+
+/// The network device: a TAP opened by name, or an open TAP fd inherited from the parent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default)]
+    pub tap: Option<String>,
+    #[serde(default)]
+    pub fd: Option<i32>,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; default: a locally administered one.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+fn default_cid() -> u64 {
+    3
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
 /// The whole VM description.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +98,10 @@ pub struct VmConfig {
     /// The VMM's own log file (default: stderr).
     #[serde(default)]
     pub log: Option<PathBuf>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    #[serde(default)]
+    pub net: Option<NetConfig>,
 }
 
 fn default_vcpus() -> u32 {
@@ -95,7 +144,7 @@ pub enum ConfigError {
         path: PathBuf,
         why: String,
     },
-    #[error("{count} drives requested; at most {MAX_DRIVES} slots are supported")]
+    #[error("{count} devices requested (drives, vsock, net); at most {MAX_DRIVES} are supported")]
     TooManyDrives { count: usize },
     #[error(
         "kernel command line is {len} bytes after the VMM's additions; the limit is {MAX_CMDLINE}"
@@ -103,6 +152,10 @@ pub enum ConfigError {
     Cmdline { len: usize },
     #[error("serial output {path}: {why}")]
     Serial { path: PathBuf, why: String },
+    #[error("vsock {path}: {why}")]
+    Vsock { path: PathBuf, why: String },
+    #[error("net: {0}")]
+    Net(String),
     #[error("control socket {path}: {why}")]
     ControlSocket { path: PathBuf, why: String },
 }
@@ -114,12 +167,15 @@ Usage:
   cocoon-vmm --config FILE.json
   cocoon-vmm --kernel VMLINUX [--initramfs CPIO] [--cmdline TEXT] [--vcpus N]
              [--memory-mib N] [--serial stdout|none|FILE] [--drive SPEC]...
-             [--control-socket PATH] [--log FILE]
+             [--vsock SPEC] [--net SPEC] [--control-socket PATH] [--log FILE]
 
   --drive SPEC   one drive slot, in order (slot 0 is the first --drive):
                  `empty`, `empty,ro`, or `path=FILE[,ro][,serial=ID]`
+  --vsock SPEC   `PATH[,cid=N]`: virtio-vsock; host side on Unix sockets (docs/vsock.md)
+  --net SPEC     `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]` (an open TAP fd, IFF_VNET_HDR)
   The JSON file has the same fields: kernel, initramfs, cmdline, vcpus, memory_mib,
-  serial, drives [{path, read_only, serial}], control_socket, log.
+  serial, drives [{path, read_only, serial}], vsock {path, cid}, net {tap | fd, mac},
+  control_socket, log.
 
 Exit status: 0 the guest powered off or reset, or a control-socket shutdown;
 1 the VM failed while running; 2 bad configuration (nothing was started).
@@ -140,6 +196,8 @@ impl VmConfig {
             drives: Vec::new(),
             control_socket: None,
             log: None,
+            vsock: None,
+            net: None,
         };
         let mut config_file = None;
         let mut flags_seen = false;
@@ -173,6 +231,8 @@ impl VmConfig {
                 "--drive" => cfg.drives.push(parse_drive(&value()?)?),
                 "--control-socket" => cfg.control_socket = Some(value()?.into()),
                 "--log" => cfg.log = Some(value()?.into()),
+                "--vsock" => cfg.vsock = Some(parse_vsock(&value()?)?),
+                "--net" => cfg.net = Some(parse_net(&value()?)?),
                 other => return Err(usage(format!("unknown argument '{other}'; see --help"))),
             }
             flags_seen = true;
@@ -235,10 +295,40 @@ impl VmConfig {
                 why: format!("must be 1..={max_vcpus} (KVM allows {kvm_max_vcpus})"),
             });
         }
-        if self.drives.len() > MAX_DRIVES {
-            return Err(ConfigError::TooManyDrives {
-                count: self.drives.len(),
-            });
+        let devices =
+            self.drives.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some());
+        if devices > MAX_DRIVES {
+            return Err(ConfigError::TooManyDrives { count: devices });
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) - 1 {
+                return Err(ConfigError::Vsock {
+                    path: v.path.clone(),
+                    why: format!("guest cid {} must be 3..=4294967294", v.cid),
+                });
+            }
+            let dir = v.path.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+                return Err(ConfigError::Vsock {
+                    path: v.path.clone(),
+                    why: format!("directory {} does not exist", dir.display()),
+                });
+            }
+        }
+        if let Some(n) = &self.net {
+            let why = match (&n.tap, n.fd) {
+                (Some(_), Some(_)) | (None, None) => Some("give exactly one of tap=NAME or fd=N"),
+                // SAFETY: F_GETFD only queries the descriptor table entry.
+                (None, Some(fd)) if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 => {
+                    Some("fd is not an open file descriptor")
+                }
+                (Some(name), None) if name.len() >= 16 => Some("TAP names are at most 15 bytes"),
+                _ => None,
+            };
+            let bad_mac = n.mac.as_deref().is_some_and(|m| parse_mac(m).is_none());
+            if let Some(why) = why.or(bad_mac.then_some("mac must look like 02:00:00:00:00:01")) {
+                return Err(ConfigError::Net(why.into()));
+            }
         }
         for (index, d) in self.drives.iter().enumerate() {
             if let Some(path) = &d.path {
@@ -313,6 +403,59 @@ fn check_kernel(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `PATH[,cid=N]`.
+fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+        ConfigError::Usage(format!("--vsock '{spec}': give the socket path first"))
+    })?;
+    let mut cfg = VsockConfig {
+        path: path.into(),
+        cid: default_cid(),
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("cid", v)) => {
+                cfg.cid = v.parse().map_err(|_| {
+                    ConfigError::Usage(format!("--vsock '{spec}': cid '{v}' is not a number"))
+                })?
+            }
+            _ => {
+                return Err(ConfigError::Usage(format!(
+                    "--vsock '{spec}': unknown part '{part}' (PATH[,cid=N])"
+                )))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`.
+fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let mut cfg = NetConfig {
+        tap: None,
+        fd: None,
+        mac: None,
+    };
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => cfg.tap = Some(v.into()),
+            Some(("fd", v)) => {
+                cfg.fd = Some(v.parse().map_err(|_| {
+                    ConfigError::Usage(format!("--net '{spec}': fd '{v}' is not a number"))
+                })?)
+            }
+            Some(("mac", v)) => cfg.mac = Some(v.into()),
+            _ => {
+                return Err(ConfigError::Usage(format!(
+                    "--net '{spec}': unknown part '{part}' (tap=NAME | fd=N, mac=MAC)"
+                )))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
 /// `empty`, `empty,ro`, or `path=FILE[,ro][,serial=ID]`.
 fn parse_drive(spec: &str) -> Result<DriveConfig, ConfigError> {
     let mut d = DriveConfig {
@@ -364,6 +507,28 @@ mod tests {
         assert!(c.drives[0].read_only && c.drives[0].path.is_none());
         assert_eq!(c.drives[1].path.as_deref(), Some(Path::new("/d.img")));
         assert_eq!(c.drives[1].serial.as_deref(), Some("data"));
+    }
+
+    #[test]
+    fn vsock_and_net_flags_parse() {
+        let c = VmConfig::from_args(&args(
+            "--kernel /k --vsock /run/v.sock,cid=7 --net fd=3,mac=02:00:00:00:00:09",
+        ))
+        .expect("parse");
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                path: "/run/v.sock".into(),
+                cid: 7
+            })
+        );
+        let n = c.net.expect("net");
+        assert_eq!((n.fd, n.tap), (Some(3), None));
+        assert_eq!(parse_mac(n.mac.as_deref().unwrap_or("")), Some([2, 0, 0, 0, 0, 9]));
+        assert!(VmConfig::from_args(&args("--kernel /k --vsock /v,port=1")).is_err());
+        assert!(VmConfig::from_args(&args("--kernel /k --net bridge=br0")).is_err());
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:0g"), None);
     }
 
     #[test]
@@ -464,5 +629,22 @@ mod tests {
             "serial output",
         );
         check(&|c| c.cmdline = "x".repeat(MAX_CMDLINE), "command line");
+        let vsock = |cid| VsockConfig {
+            path: dir.path().join("v.sock"),
+            cid,
+        };
+        check(&|c| c.vsock = Some(vsock(2)), "guest cid 2");
+        let net = |tap: Option<&str>, fd: Option<i32>, mac: Option<&str>| NetConfig {
+            tap: tap.map(Into::into),
+            fd,
+            mac: mac.map(Into::into),
+        };
+        check(&|c| c.net = Some(net(None, None, None)), "exactly one");
+        check(&|c| c.net = Some(net(None, Some(9999), None)), "not an open file");
+        check(&|c| c.net = Some(net(Some("tap0"), None, Some("zz"))), "mac must");
+        let mut ok = base.clone();
+        ok.vsock = Some(vsock(3));
+        ok.net = Some(net(Some("tap0"), None, Some("02:00:00:00:00:01")));
+        assert!(ok.validate(64, 1024).is_ok());
     }
 }
