@@ -35,6 +35,13 @@ $(BUILD)/cocoon-vmm: FORCE
 	@mkdir -p $(BUILD)
 	cp target/$(TARGET)/release/cocoon-vmm $@
 
+# The far side of vsock/network tests, static so it runs in test guests.
+$(BUILD)/cocoon-vsock-probe: FORCE
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+	    --target $(TARGET) -p cocoon-integration --bin cocoon-vsock-probe
+	@mkdir -p $(BUILD)
+	cp target/$(TARGET)/release/cocoon-vsock-probe $@
+
 rootfs: $(BUILD)/cocoon-agent
 	rootfs/mkinitramfs.py $(BUILD)/cocoon-agent $(BUILD)/initramfs.cpio
 	@echo "rootfs: $(BUILD)/initramfs.cpio ($$(stat -c %s $(BUILD)/initramfs.cpio) bytes)"
@@ -57,18 +64,18 @@ test-lab: lab-kernel guest
 	$(CARGO) test --locked -p cocoon-integration --test lab
 
 # All VM-level tests, in one test-lab boot (directly on hosts with hardware KVM).
-test-vm: guest lab-kernel
+test-vm: guest lab-kernel $(BUILD)/cocoon-vsock-probe
 	$(CARGO) build --locked -p cocoon-vmm
 	$(CARGO) test --locked -p cocoon-integration --test vm
 
 # The whole suite.
 test: lint test-unit test-lab test-vm
 
-bench: guest lab-kernel $(BUILD)/cocoon-vmm
+bench: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration
 
 # cocoon-vmm against QEMU microvm: boots in the lab (or on hardware KVM), first KVM_RUN and RSS natively.
-bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm
+bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench vmm
 
 lab-shell: lab-kernel

@@ -4,9 +4,11 @@
 
 pub mod console;
 pub mod lab;
+pub mod netns;
 pub mod paths;
 pub mod qemu;
 pub mod stats;
 pub mod testguest;
 pub mod vmm;
 pub mod vmtest;
+pub mod vsock;

@@ -48,3 +48,8 @@ pub fn qemu() -> PathBuf {
 pub fn qboot() -> PathBuf {
     PathBuf::from("/usr/share/qemu/qboot.rom")
 }
+
+/// The static guest-side test program (`make probe`).
+pub fn probe() -> PathBuf {
+    build_dir().join("cocoon-vsock-probe")
+}

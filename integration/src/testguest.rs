@@ -10,6 +10,16 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// Writes `<dir>/<name>.cpio`: busybox plus `/init` running `script` after the basics
 /// (busybox applets installed, proc/sys/dev mounted). The script ends the VM itself.
 pub fn busybox_initramfs(dir: &Path, name: &str, script: &str) -> std::io::Result<PathBuf> {
+    busybox_initramfs_with(dir, name, script, &[])
+}
+
+/// As [`busybox_initramfs`], plus `extra` host files at the given guest paths.
+pub fn busybox_initramfs_with(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    extra: &[(&Path, &str)],
+) -> std::io::Result<PathBuf> {
     let init = dir.join(format!("{name}.init"));
     let body = format!(
         "#!/bin/busybox sh\n\
@@ -28,6 +38,11 @@ pub fn busybox_initramfs(dir: &Path, name: &str, script: &str) -> std::io::Resul
         .arg(&init)
         .arg(&out)
         .arg(format!("{BUSYBOX}:bin/busybox"))
+        .args(
+            extra
+                .iter()
+                .map(|(src, dest)| format!("{}:{dest}", src.display())),
+        )
         .status()?;
     if !status.success() {
         return Err(std::io::Error::other(format!(

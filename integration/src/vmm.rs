@@ -55,12 +55,23 @@ impl VmmOutcome {
 
 /// Starts `cocoon-vmm` with `args` (serial console on stdout).
 pub fn start(args: &[String]) -> std::io::Result<RunningVmm> {
+    start_with(Command::new(vmm_binary()), args)
+}
+
+/// Starts `cocoon-vmm` through `launcher` (e.g. `ip netns exec NS cocoon-vmm`).
+pub fn start_in(launcher: &[&str], args: &[String]) -> std::io::Result<RunningVmm> {
+    let mut c = Command::new(launcher.first().copied().unwrap_or("env"));
+    c.args(launcher.iter().skip(1)).arg(vmm_binary());
+    start_with(c, args)
+}
+
+fn start_with(mut command: Command, args: &[String]) -> std::io::Result<RunningVmm> {
     let control_socket = args
         .iter()
         .position(|a| a == "--control-socket")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
-    let mut child = Command::new(vmm_binary())
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

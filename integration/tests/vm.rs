@@ -3,7 +3,9 @@
 
 use cocoon_agent_protocol::ReadyLine;
 use cocoon_integration::qemu::{boot_guest, Accel, GuestSpec};
-use cocoon_integration::testguest::{busybox_initramfs, ext4_cat, ext4_image};
+use cocoon_integration::testguest::{
+    busybox_initramfs, busybox_initramfs_with, ext4_cat, ext4_image,
+};
 use cocoon_integration::{paths, vmm};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
@@ -36,6 +38,8 @@ fn main() -> ExitCode {
             "vmm_control_pause_resume_stats_shutdown",
             vmm_control_pause_resume_stats_shutdown,
         ),
+        Trial::test("vmm_vsock_streams_both_ways", vmm_vsock_streams_both_ways),
+        Trial::test("vmm_net_tcp_both_ways", vmm_net_tcp_both_ways),
         Trial::test(
             "vmm_guest_reboot_and_panic_end_the_vmm",
             vmm_guest_reboot_and_panic_end_the_vmm,
@@ -401,4 +405,163 @@ fn vmm_guest_reboot_and_panic_end_the_vmm() -> Result<(), Failed> {
         )?;
     }
     Ok(())
+}
+
+fn probe() -> Result<std::path::PathBuf, Failed> {
+    let p = paths::probe();
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} missing: run `make build/cocoon-vsock-probe`",
+            p.display()
+        )
+        .into())
+    }
+}
+
+/// vsock both ways: 128 concurrent host→guest echo streams and 8 guest→host ones with
+/// checksummed (patterned) data, and a guest connect to a port with no listener resets.
+fn vmm_vsock_streams_both_ways() -> Result<(), Failed> {
+    use cocoon_integration::vsock::{connect, echo_check, echo_listener};
+    let dir = tempfile::tempdir()?;
+    let uds = dir.path().join("v.sock");
+    let init = busybox_initramfs_with(
+        dir.path(),
+        "vsock",
+        "cocoon-vsock-probe serve-echo vsock:5000 & \
+         cocoon-vsock-probe connect-echo vsock:6000 8 1048576; \
+         cocoon-vsock-probe expect-reset 6001; echo GUEST-DONE; sleep 3600",
+        &[(&probe()?, "bin/cocoon-vsock-probe")],
+    )?;
+    echo_listener(&uds, 6000)?;
+    let mut args = vmm_args(&init, "");
+    args.extend(["--vsock".into(), uds.display().to_string()]);
+    args.extend([
+        "--memory-mib".into(),
+        "256".into(),
+        "--vcpus".into(),
+        "2".into(),
+    ]);
+    args.extend([
+        "--control-socket".into(),
+        dir.path().join("c.sock").display().to_string(),
+    ]);
+    let mut vm = vmm::start(&args)?;
+    let done = vm.wait_for(|l| l == "GUEST-DONE", BOOT_TIMEOUT);
+    let guest_side = vm.console.clone();
+    // Host → guest: 128 streams at once, 64 KiB each, echoed and checked.
+    let host_side: Vec<_> = (0..128u64)
+        .map(|s| {
+            let uds = uds.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let conn = connect(&uds, 5000).map_err(|e| format!("stream {s}: {e}"))?;
+                echo_check(conn, s, 64 * 1024)
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for h in host_side {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("host stream panicked".into()),
+        }
+    }
+    // One large stream host → guest → host.
+    let big = connect(&uds, 5000)
+        .map_err(|e| e.to_string())
+        .and_then(|c| echo_check(c, 999, 16 << 20));
+    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let out = vm.finish(Duration::from_secs(30))?;
+    check(done.is_some(), "guest side did not finish", &out)?;
+    check(
+        guest_side
+            .iter()
+            .any(|l| l.starts_with("ECHO-OK streams=8")),
+        "guest→host echo streams failed",
+        &out,
+    )?;
+    check(
+        guest_side.iter().any(|l| l == "RESET-OK"),
+        "no reset for a port without listener",
+        &out,
+    )?;
+    check(
+        errors.is_empty(),
+        &format!("host→guest streams failed: {errors:?}"),
+        &out,
+    )?;
+    check(big.is_ok(), &format!("16 MiB stream: {big:?}"), &out)
+}
+
+/// virtio-net over a TAP in a namespace of the test's own: TCP both ways between the guest
+/// and a peer namespace, data verified.
+fn vmm_net_tcp_both_ways() -> Result<(), Failed> {
+    use cocoon_integration::netns::{self, NetLab};
+    let dir = tempfile::tempdir()?;
+    let probe = probe()?;
+    let lab = NetLab::new(&format!("t{}", std::process::id()))?;
+    let script = format!(
+        "ip link set eth0 up; ip addr add {guest}/24 dev eth0; ip route add default via {tap}; \
+         cocoon-vsock-probe serve-echo tcp:0:7000 & sleep 0.5; \
+         cocoon-vsock-probe connect-echo tcp:{peer}:7001 4 4194304; echo GUEST-DONE; sleep 3600",
+        guest = netns::GUEST_IP,
+        tap = netns::TAP_IP,
+        peer = netns::PEER_IP
+    );
+    let init = busybox_initramfs_with(
+        dir.path(),
+        "net",
+        &script,
+        &[(&probe, "bin/cocoon-vsock-probe")],
+    )?;
+    let mut peer = lab
+        .command(
+            &lab.b,
+            &[&probe.display().to_string(), "serve-echo", "tcp:0:7001"],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let mut args = vmm_args(&init, "");
+    args.extend([
+        "--net".into(),
+        format!("tap={},mac=02:00:00:00:00:02", netns::TAP),
+    ]);
+    args.extend([
+        "--control-socket".into(),
+        dir.path().join("c.sock").display().to_string(),
+    ]);
+    let mut vm = vmm::start_in(&["ip", "netns", "exec", &lab.a], &args)?;
+    let done = vm.wait_for(|l| l == "GUEST-DONE", BOOT_TIMEOUT);
+    let into_guest = lab
+        .command(
+            &lab.b,
+            &[
+                &probe.display().to_string(),
+                "connect-echo",
+                &format!("tcp:{}:7000", netns::GUEST_IP),
+                "4",
+                "4194304",
+            ],
+        )
+        .output()?;
+    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let out = vm.finish(Duration::from_secs(30))?;
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let peer_says = String::from_utf8_lossy(&into_guest.stdout).into_owned();
+    check(done.is_some(), "guest side did not finish", &out)?;
+    check(
+        out.console
+            .iter()
+            .any(|l| l.starts_with("ECHO-OK streams=4")),
+        "guest → peer TCP failed",
+        &out,
+    )?;
+    check(
+        peer_says.starts_with("ECHO-OK streams=4"),
+        &format!("peer → guest TCP failed: {peer_says}"),
+        &out,
+    )
 }

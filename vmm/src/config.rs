@@ -524,7 +524,10 @@ mod tests {
         );
         let n = c.net.expect("net");
         assert_eq!((n.fd, n.tap), (Some(3), None));
-        assert_eq!(parse_mac(n.mac.as_deref().unwrap_or("")), Some([2, 0, 0, 0, 0, 9]));
+        assert_eq!(
+            parse_mac(n.mac.as_deref().unwrap_or("")),
+            Some([2, 0, 0, 0, 0, 9])
+        );
         assert!(VmConfig::from_args(&args("--kernel /k --vsock /v,port=1")).is_err());
         assert!(VmConfig::from_args(&args("--kernel /k --net bridge=br0")).is_err());
         assert_eq!(parse_mac("02:00:00:00:00"), None);
@@ -640,8 +643,14 @@ mod tests {
             mac: mac.map(Into::into),
         };
         check(&|c| c.net = Some(net(None, None, None)), "exactly one");
-        check(&|c| c.net = Some(net(None, Some(9999), None)), "not an open file");
-        check(&|c| c.net = Some(net(Some("tap0"), None, Some("zz"))), "mac must");
+        check(
+            &|c| c.net = Some(net(None, Some(9999), None)),
+            "not an open file",
+        );
+        check(
+            &|c| c.net = Some(net(Some("tap0"), None, Some("zz"))),
+            "mac must",
+        );
         let mut ok = base.clone();
         ok.vsock = Some(vsock(3));
         ok.net = Some(net(Some("tap0"), None, Some("02:00:00:00:00:01")));

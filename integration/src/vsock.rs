@@ -1,0 +1,116 @@
+//! Host side of vsock tests: the hybrid-vsock handshake (`CONNECT <port>` / `OK <port>`,
+//! docs/vsock.md), echo listeners for guest-initiated connections, and the byte pattern
+//! both sides check (`cocoon-vsock-probe` uses the same one).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The byte at `offset` of stream `stream`'s test pattern.
+pub fn pattern(stream: u64, offset: u64) -> u8 {
+    let x = offset
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(stream.wrapping_mul(0xd1b5_4a32_d192_ed03));
+    (x >> 56) as u8
+}
+
+/// Connects to guest port `port` through the VMM's vsock socket.
+pub fn connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Read the reply byte by byte: anything after the newline is guest data.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!("vsock CONNECT {port}: closed (no guest listener?)"),
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&line);
+    if !text.starts_with("OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock CONNECT {port}: got {text:?}"
+        )));
+    }
+    Ok(s)
+}
+
+/// The Unix listener that guest connections to host port `port` reach.
+pub fn host_port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
+/// Serves an echo on `<uds>_<port>` on a background thread, one thread per connection.
+pub fn echo_listener(uds: &Path, port: u32) -> std::io::Result<()> {
+    let listener = UnixListener::bind(host_port_path(uds, port))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = match conn.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+                let mut r = conn;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Sends `bytes` of stream `stream`'s pattern over `conn` while reading the echo back;
+/// errors name the first difference.
+pub fn echo_check(conn: UnixStream, stream: u64, bytes: u64) -> Result<(), String> {
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 32 * 1024];
+        while off < bytes {
+            let n = (bytes - off).min(buf.len() as u64) as usize;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern(stream, off + i as u64);
+            }
+            w.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = BufReader::with_capacity(64 * 1024, conn);
+    let mut off = 0u64;
+    loop {
+        let buf = r
+            .fill_buf()
+            .map_err(|e| format!("stream {stream}: read at {off}: {e}"))?;
+        if buf.is_empty() {
+            break;
+        }
+        for (i, b) in buf.iter().enumerate() {
+            if *b != pattern(stream, off + i as u64) {
+                return Err(format!("stream {stream}: byte {} differs", off + i as u64));
+            }
+        }
+        let n = buf.len();
+        off += n as u64;
+        r.consume(n);
+    }
+    sender
+        .join()
+        .map_err(|_| format!("stream {stream}: sender panicked"))?
+        .map_err(|e| format!("stream {stream}: write: {e}"))?;
+    if off != bytes {
+        return Err(format!("stream {stream}: echoed {off} of {bytes} bytes"));
+    }
+    Ok(())
+}
