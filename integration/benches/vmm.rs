@@ -25,8 +25,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match placement() {
-        Placement::Here { in_lab: true, .. } => guest_boots(),
-        Placement::Here { in_lab: false, .. } => native().and_then(|_| guest_boots()),
+        Placement::Here { in_lab: true, .. } => guest_boots().and_then(|_| throughput()),
+        Placement::Here { in_lab: false, .. } => native()
+            .and_then(|_| guest_boots())
+            .and_then(|_| throughput()),
         Placement::Lab { kvm } => native().map(|_| {
             eprintln!("bench-vmm: this host has {kvm}; guest boots run inside the test lab");
             rerun_in_lab("bench-vmm", Duration::from_secs(60 * 60))
@@ -240,4 +242,240 @@ fn guest_boots() -> Result<ExitCode, String> {
     let q3 = figure("qemu.boot_exits", &col(&qemu, |b| b.exits));
     println!("ratio.boot_exits cocoon/qemu={:.2}", r3 / q3);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes per stream for throughput figures (the lab is slow: keep runs to seconds).
+const TP_BYTES: u64 = 64 << 20;
+const TP_RUNS: usize = 3;
+
+/// MB/s through `streams` Unix socketpairs at once: the ceiling for vsock.
+fn socketpair_mbps(streams: u64, bytes: u64) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut threads = Vec::new();
+    for _ in 0..streams {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        threads.push(std::thread::spawn(move || {
+            let buf = vec![0u8; 256 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                if a.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+        }));
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while matches!(b.read(&mut buf), Ok(n) if n > 0) {}
+        }));
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| "socketpair thread panicked".to_string())?;
+    }
+    Ok((streams * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Pushes (`send`) or pulls bytes through the VMM's vsock to the guest probe.
+fn vsock_mbps(uds: &Path, port: u32, streams: u64, bytes: u64, send: bool) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let threads: Vec<_> = (0..streams)
+        .map(|_| {
+            let uds = uds.to_path_buf();
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut c =
+                    cocoon_integration::vsock::connect(&uds, port).map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; 256 * 1024];
+                if send {
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        c.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                        left -= n as u64;
+                    }
+                    c.shutdown(std::net::Shutdown::Write)
+                        .map_err(|e| e.to_string())?;
+                    let mut count = [0u8; 8];
+                    c.read_exact(&mut count).map_err(|e| e.to_string())?;
+                    if u64::from_le_bytes(count) != bytes {
+                        return Err("guest sink lost bytes".into());
+                    }
+                } else {
+                    c.write_all(&bytes.to_le_bytes())
+                        .map_err(|e| e.to_string())?;
+                    let mut total = 0u64;
+                    loop {
+                        let n = c.read(&mut buf).map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    if total != bytes {
+                        return Err(format!("got {total} of {bytes} bytes from the guest"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| "vsock thread panicked".to_string())??;
+    }
+    Ok((streams * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Runs the probe in a namespace and returns the `mbps=` it reports.
+fn probe_mbps(
+    lab: &cocoon_integration::netns::NetLab,
+    ns: &str,
+    args: &[&str],
+) -> Result<f64, String> {
+    let probe = paths::probe().display().to_string();
+    let mut argv = vec![probe.as_str()];
+    argv.extend_from_slice(args);
+    let out = lab.command(ns, &argv).output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("mbps="))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("probe {args:?}: {text}"))
+}
+
+fn best(samples: Vec<f64>) -> f64 {
+    median(&samples).unwrap_or(f64::NAN)
+}
+
+fn tp_line(name: &str, ours: f64, ceiling: f64) {
+    println!(
+        "{name} cocoon_mbps={ours:.0} ceiling_mbps={ceiling:.0} ratio={:.2}",
+        ours / ceiling
+    );
+}
+
+/// vsock and virtio-net throughput beside their ceilings (socketpair, veth), same machine.
+fn throughput() -> Result<ExitCode, String> {
+    use cocoon_integration::netns::{self, NetLab};
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let uds = dir.path().join("v.sock");
+    let script = format!(
+        "ip link set eth0 up; ip addr add {}/24 dev eth0; ip route add default via {}; \
+         cocoon-vsock-probe serve-sink vsock:5000 & cocoon-vsock-probe serve-source vsock:5001 & \
+         cocoon-vsock-probe serve-sink tcp:0:7000 & cocoon-vsock-probe serve-source tcp:0:7001 & \
+         sleep 1; echo BENCH-READY; sleep 3600",
+        netns::GUEST_IP,
+        netns::TAP_IP
+    );
+    let init = cocoon_integration::testguest::busybox_initramfs_with(
+        dir.path(),
+        "bench",
+        &script,
+        &[(&paths::probe(), "bin/cocoon-vsock-probe")],
+    )
+    .map_err(|e| e.to_string())?;
+    let lab = NetLab::new(&format!("b{}", std::process::id())).map_err(|e| e.to_string())?;
+    let args: Vec<String> = [
+        "--kernel",
+        &paths::guest_vmlinux().display().to_string(),
+        "--initramfs",
+        &init.display().to_string(),
+        "--cmdline",
+        "quiet",
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "512",
+        "--vsock",
+        &uds.display().to_string(),
+        "--net",
+        &format!("tap={},mac=02:00:00:00:00:02", netns::TAP),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = vmm::start_in(&["ip", "netns", "exec", &lab.a], &args)
+        .map_err(|e| format!("start cocoon-vmm: {e}"))?;
+    if vm.wait_for(|l| l == "BENCH-READY", TIMEOUT).is_none() {
+        let out = vm
+            .finish(Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
+        return Err(format!(
+            "bench guest did not come up:\n{}",
+            out.transcript()
+        ));
+    }
+    // veth ceiling: a sink in B, the sender in A.
+    let mut sink = lab
+        .command(
+            &lab.b,
+            &[
+                &paths::probe().display().to_string(),
+                "serve-sink",
+                "tcp:0:7100",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let peer = format!("tcp:{}:7100", netns::PEER_IP);
+    let guest_sink = format!("tcp:{}:7000", netns::GUEST_IP);
+    let guest_source = format!("tcp:{}:7001", netns::GUEST_IP);
+    let bytes = TP_BYTES.to_string();
+    let result = (|| -> Result<(), String> {
+        for streams in [1u64, 16] {
+            let per = TP_BYTES / streams;
+            let ceiling = best(
+                (0..TP_RUNS)
+                    .map(|_| socketpair_mbps(streams, per))
+                    .collect::<Result<_, _>>()?,
+            );
+            let h2g = best(
+                (0..TP_RUNS)
+                    .map(|_| vsock_mbps(&uds, 5000, streams, per, true))
+                    .collect::<Result<_, _>>()?,
+            );
+            let g2h = best(
+                (0..TP_RUNS)
+                    .map(|_| vsock_mbps(&uds, 5001, streams, per, false))
+                    .collect::<Result<_, _>>()?,
+            );
+            tp_line(
+                &format!("vsock.host_to_guest streams={streams}"),
+                h2g,
+                ceiling,
+            );
+            tp_line(
+                &format!("vsock.guest_to_host streams={streams}"),
+                g2h,
+                ceiling,
+            );
+        }
+        let veth = best(
+            (0..TP_RUNS)
+                .map(|_| probe_mbps(&lab, &lab.a, &["send", &peer, "1", &bytes]))
+                .collect::<Result<_, _>>()?,
+        );
+        let to_guest = best(
+            (0..TP_RUNS)
+                .map(|_| probe_mbps(&lab, &lab.b, &["send", &guest_sink, "1", &bytes]))
+                .collect::<Result<_, _>>()?,
+        );
+        let from_guest = best(
+            (0..TP_RUNS)
+                .map(|_| probe_mbps(&lab, &lab.b, &["recv", &guest_source, "1", &bytes]))
+                .collect::<Result<_, _>>()?,
+        );
+        tp_line("net.tcp_peer_to_guest streams=1", to_guest, veth);
+        tp_line("net.tcp_guest_to_peer streams=1", from_guest, veth);
+        Ok(())
+    })();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    drop(vm);
+    result.map(|_| ExitCode::SUCCESS)
 }

@@ -430,7 +430,7 @@ fn vmm_vsock_streams_both_ways() -> Result<(), Failed> {
         dir.path(),
         "vsock",
         "cocoon-vsock-probe serve-echo vsock:5000 & \
-         cocoon-vsock-probe connect-echo vsock:6000 8 1048576; \
+         cocoon-vsock-probe connect-echo vsock:6000 8 262144; \
          cocoon-vsock-probe expect-reset 6001; echo GUEST-DONE; sleep 3600",
         &[(&probe()?, "bin/cocoon-vsock-probe")],
     )?;
@@ -471,7 +471,7 @@ fn vmm_vsock_streams_both_ways() -> Result<(), Failed> {
     // One large stream host → guest → host.
     let big = connect(&uds, 5000)
         .map_err(|e| e.to_string())
-        .and_then(|c| echo_check(c, 999, 16 << 20));
+        .and_then(|c| echo_check(c, 999, 4 << 20));
     let _ = vm.control(r#"{"op":"shutdown"}"#);
     let out = vm.finish(Duration::from_secs(30))?;
     check(done.is_some(), "guest side did not finish", &out)?;
@@ -505,7 +505,7 @@ fn vmm_net_tcp_both_ways() -> Result<(), Failed> {
     let script = format!(
         "ip link set eth0 up; ip addr add {guest}/24 dev eth0; ip route add default via {tap}; \
          cocoon-vsock-probe serve-echo tcp:0:7000 & sleep 0.5; \
-         cocoon-vsock-probe connect-echo tcp:{peer}:7001 4 4194304; echo GUEST-DONE; sleep 3600",
+         cocoon-vsock-probe connect-echo tcp:{peer}:7001 4 1048576; echo GUEST-DONE; sleep 3600",
         guest = netns::GUEST_IP,
         tap = netns::TAP_IP,
         peer = netns::PEER_IP
@@ -534,6 +534,7 @@ fn vmm_net_tcp_both_ways() -> Result<(), Failed> {
     ]);
     let mut vm = vmm::start_in(&["ip", "netns", "exec", &lab.a], &args)?;
     let done = vm.wait_for(|l| l == "GUEST-DONE", BOOT_TIMEOUT);
+    eprintln!("net: guest side done after {:?}", vm.started.elapsed());
     let into_guest = lab
         .command(
             &lab.b,
@@ -542,10 +543,11 @@ fn vmm_net_tcp_both_ways() -> Result<(), Failed> {
                 "connect-echo",
                 &format!("tcp:{}:7000", netns::GUEST_IP),
                 "4",
-                "4194304",
+                "1048576",
             ],
         )
         .output()?;
+    eprintln!("net: peer side done after {:?}", vm.started.elapsed());
     let _ = vm.control(r#"{"op":"shutdown"}"#);
     let out = vm.finish(Duration::from_secs(30))?;
     let _ = peer.kill();

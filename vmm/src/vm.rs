@@ -5,9 +5,13 @@ use crate::boot::{self, BootError};
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::devices::serial::SerialConsole;
+use crate::devices::tap::Tap;
 use crate::devices::virtio_blk::{Backing, Block, BlockError};
 use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::virtio_net::Net;
+use crate::devices::virtio_vsock::Vsock;
 use crate::devices::{GuestMemory, Irq};
+use crate::event_loop::{EventLoop, LoopStopper};
 use crate::layout::*;
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{self, CpuTemplate, VcpuControl, VcpuError, VcpuStop};
@@ -45,6 +49,13 @@ pub enum VmError {
     Drive { slot: usize, source: BlockError },
     #[error("drive slot {slot} does not exist (this VM has {count} slots)")]
     NoSuchSlot { slot: usize, count: usize },
+    #[error("vsock {path}: {why}")]
+    Vsock {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("net: {0}")]
+    Net(String),
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
 }
@@ -107,6 +118,15 @@ pub struct Vm {
     paused: Mutex<bool>,
     exit_evt: EventFd,
     exit: Mutex<Option<VmExit>>,
+    io: Mutex<Option<(JoinHandle<()>, LoopStopper)>>,
+}
+
+/// What [`Vm::build`] makes before the vCPUs start.
+struct Built {
+    bus: Arc<Bus>,
+    drives: Vec<Drive>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    io: EventLoop,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -115,7 +135,10 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// then the user's part (later parameters win).
 pub fn kernel_cmdline(config: &VmConfig) -> String {
     let mut c = String::from("console=ttyS0 reboot=t panic=-1 pci=off acpi=off");
-    for i in 0..config.drives.len() {
+    let devices = config.drives.len()
+        + usize::from(config.vsock.is_some())
+        + usize::from(config.net.is_some());
+    for i in 0..devices {
         c += &format!(
             " virtio_mmio.device=4K@{:#x}:{}",
             VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
@@ -146,7 +169,12 @@ impl Vm {
         let mem = create_memory(config.memory_mib)?;
         // Registering memory with KVM takes milliseconds (an SRCU grace period); it only
         // has to be done before the first KVM_RUN, so it overlaps the rest of the set-up.
-        let (bus, drives, vcpus) = std::thread::scope(|scope| {
+        let Built {
+            bus,
+            drives,
+            vcpus,
+            io,
+        } = std::thread::scope(|scope| {
             let registration = scope.spawn(|| register_memory(&vm, &mem, config.memory_mib));
             let rest = Self::build(kvm, &vm, &mem, config);
             let registered = registration.join().unwrap_or_else(|_| {
@@ -168,7 +196,10 @@ impl Vm {
             paused: Mutex::new(false),
             exit_evt: EventFd::new(0).map_err(io_err("exit eventfd"))?,
             exit: Mutex::new(None),
+            io: Mutex::new(None),
         });
+        let io = io.spawn().map_err(io_err("spawning the I/O thread"))?;
+        *lock(&this.io) = Some(io);
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (bus, control, vm) = (bus.clone(), this.control.clone(), Arc::downgrade(&this));
             let handle = std::thread::Builder::new()
@@ -200,13 +231,8 @@ impl Vm {
     }
 
     /// Boot state, devices and configured vCPUs.
-    #[allow(clippy::type_complexity)]
-    fn build(
-        kvm: &Kvm,
-        vm: &VmFd,
-        mem: &GuestMemory,
-        config: &VmConfig,
-    ) -> Result<(Arc<Bus>, Vec<Drive>, Vec<kvm_ioctls::VcpuFd>), VmError> {
+    fn build(kvm: &Kvm, vm: &VmFd, mem: &GuestMemory, config: &VmConfig) -> Result<Built, VmError> {
+        let mut io = EventLoop::new().map_err(io_err("creating the I/O loop"))?;
         mptable::write(mem, config.vcpus)?;
         let cmdline = kernel_cmdline(config);
         let entry = boot::load(mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
@@ -246,6 +272,52 @@ impl Vm {
             bus.add_mmio(base, VIRTIO_MMIO_SIZE, drive.clone());
             drives.push(drive);
         }
+        let mut index = drives.len();
+        if let Some(v) = &config.vsock {
+            let gsi = VIRTIO_IRQ_BASE + index as u32;
+            let vsock =
+                Vsock::new(v.cid, v.path.clone(), io.registrar(index as u32)).map_err(|e| {
+                    VmError::Vsock {
+                        path: v.path.clone(),
+                        why: e.to_string(),
+                    }
+                })?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                vsock,
+                mem.clone(),
+                irq(vm, gsi)?,
+            )));
+            add_virtio(&mut bus, &mut io, &mut index, t.clone(), t);
+        }
+        if let Some(n) = &config.net {
+            let gsi = VIRTIO_IRQ_BASE + index as u32;
+            let tap = match (&n.tap, n.fd) {
+                (Some(name), _) => Tap::open(name),
+                (None, Some(fd)) => {
+                    // SAFETY: the parent passed this fd for us to own (validated open in
+                    // config); nothing else in this process uses it.
+                    let owned = unsafe {
+                        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                    };
+                    Tap::from_fd(owned)
+                }
+                (None, None) => return Err(VmError::Net("no TAP given".into())),
+            }
+            .map_err(|e| VmError::Net(e.to_string()))?;
+            let mac = n
+                .mac
+                .as_deref()
+                .and_then(crate::config::parse_mac)
+                .unwrap_or_else(default_mac);
+            let net = Net::new(tap, mac, io.registrar(index as u32))
+                .map_err(|e| VmError::Net(e.to_string()))?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                net,
+                mem.clone(),
+                irq(vm, gsi)?,
+            )));
+            add_virtio(&mut bus, &mut io, &mut index, t.clone(), t);
+        }
         let bus = Arc::new(bus);
 
         // vCPU threads are kicked out of KVM_RUN with this signal to pause or stop.
@@ -263,7 +335,12 @@ impl Vm {
             vcpus.push(fd);
         }
 
-        Ok((bus, drives, vcpus))
+        Ok(Built {
+            bus,
+            drives,
+            vcpus,
+            io,
+        })
     }
 
     /// Records why the VM ends (the first reason wins) and wakes [`Vm::wait`].
@@ -281,6 +358,10 @@ impl Vm {
             let _ = self.exit_evt.read();
         }
         self.stop_vcpus();
+        if let Some((thread, stopper)) = lock(&self.io).take() {
+            stopper.stop();
+            let _ = thread.join();
+        }
         for (slot, d) in self.drives.iter().enumerate() {
             if let Err(e) = lock(d).device_mut().flush() {
                 tracing::error!(slot, error = %e, "flushing drive at shutdown");
@@ -428,6 +509,26 @@ fn process_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Puts virtio device number `index` on the bus and its back-end on the I/O loop.
+fn add_virtio(
+    bus: &mut Bus,
+    io: &mut EventLoop,
+    index: &mut usize,
+    dev: Arc<Mutex<dyn crate::devices::MmioDevice>>,
+    handler: Arc<Mutex<dyn crate::event_loop::BackendHandler>>,
+) {
+    let base = VIRTIO_MMIO_BASE + *index as u64 * VIRTIO_MMIO_SIZE;
+    bus.add_mmio(base, VIRTIO_MMIO_SIZE, dev);
+    io.set_handler(*index as u32, handler);
+    *index += 1;
+}
+
+/// A locally administered unicast MAC, different per VMM process.
+fn default_mac() -> [u8; 6] {
+    let pid = std::process::id().to_be_bytes();
+    [0x02, 0xc0, pid[0], pid[1], pid[2], pid[3]]
 }
 
 /// An interrupt line: an eventfd registered as irqfd for `gsi`.

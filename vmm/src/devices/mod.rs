@@ -4,8 +4,11 @@
 //! MMIO access); each sits behind a `Mutex`. Interrupts go to the guest through KVM irqfds.
 
 pub mod serial;
+pub mod tap;
 pub mod virtio_blk;
 pub mod virtio_mmio;
+pub mod virtio_net;
+pub mod virtio_vsock;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
