@@ -20,6 +20,21 @@ fn host_memory_mib() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Each vsock connection costs a descriptor: allow as many as the hard limit does.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn init_logging(config: &VmConfig) -> Result<(), ConfigError> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COCOON_VMM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -71,6 +86,7 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&config) {
         return bad(e);
     }
+    raise_fd_limit();
     let vm = match Vm::start(&kvm, &config) {
         Ok(vm) => vm,
         Err(e) => {

@@ -303,14 +303,14 @@ impl Vm {
                 }
                 (None, None) => return Err(VmError::Net("no TAP given".into())),
             }
-            .map_err(|e| VmError::Net(e.to_string()))?;
+            .map_err(|e| VmError::Net(error_chain(&e)))?;
             let mac = n
                 .mac
                 .as_deref()
                 .and_then(crate::config::parse_mac)
                 .unwrap_or_else(default_mac);
             let net = Net::new(tap, mac, io.registrar(index as u32))
-                .map_err(|e| VmError::Net(e.to_string()))?;
+                .map_err(|e| VmError::Net(error_chain(&e)))?;
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 net,
                 mem.clone(),
@@ -509,6 +509,17 @@ fn process_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// An error with its causes: "what: why: deeper why".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// Puts virtio device number `index` on the bus and its back-end on the I/O loop.

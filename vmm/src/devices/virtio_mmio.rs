@@ -342,6 +342,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn needs_reset(&mut self) {
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            if self.activated {
+                // Stop the device's back-end now: its host fds would otherwise keep
+                // waking the I/O loop while every event is dropped.
+                self.activated = false;
+                self.device.reset();
+            }
             self.raise(INT_CONFIG_CHANGE);
         }
     }

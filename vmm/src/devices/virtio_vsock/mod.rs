@@ -69,14 +69,15 @@ const FIRST_STREAM_TAG: u32 = 2;
 /// Live connections at most; guest REQUESTs beyond get RST, host ones are closed.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Host connections still owing their CONNECT line at most; more are closed at once.
-pub const MAX_PENDING_HOSTS: usize = 128;
+pub const MAX_PENDING_HOSTS: usize = 256;
 /// Longest `CONNECT <port>\n` line, newline included.
 pub const CONNECT_LINE_MAX: usize = 64;
 /// For the CONNECT line, and then for the guest's RESPONSE.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// For the host stream to take the guest data left when the guest closed.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(10);
-/// RSTs owed to the guest for packets naming no connection, at most.
+/// RSTs owed to the guest that belong to no live connection (answers to stray packets,
+/// closes of connections already forgotten), at most.
 const MAX_QUEUED_RSTS: usize = 4096;
 /// Host ports for host-initiated connections are picked from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -311,6 +312,9 @@ pub struct Vsock {
     registrar: Registrar,
     timer: TimerFd,
     timer_armed: bool,
+    /// accept() failed (e.g. out of fds): retried on the next timer tick, since the
+    /// edge-triggered listener reports only new connections.
+    accept_retry: bool,
     activated: bool,
     queue_max_sizes: [u16; 3],
     conns: HashMap<ConnKey, Connection>,
@@ -392,6 +396,7 @@ impl Vsock {
             registrar,
             timer,
             timer_armed: false,
+            accept_retry: false,
             activated: false,
             queue_max_sizes: [QUEUE_SIZE; 3],
             conns: HashMap::new(),
@@ -812,7 +817,13 @@ impl Vsock {
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                     ) => {}
                 Err(e) => {
-                    warn!(path = %self.uds_path.display(), error = %e, "vsock: accept failed");
+                    warn!(
+                        path = %self.uds_path.display(),
+                        error = %e,
+                        "vsock: accept failed, retrying shortly"
+                    );
+                    self.accept_retry = true;
+                    self.arm_timer();
                     break;
                 }
             }
@@ -972,6 +983,9 @@ impl Vsock {
     fn timer_tick(&mut self) {
         // Non-blocking: a stale readiness report reads nothing.
         let _ = self.timer.wait();
+        if std::mem::take(&mut self.accept_retry) {
+            self.accept_all();
+        }
         let now = Instant::now();
         let expired: Vec<u32> = self
             .pending_hosts
@@ -997,7 +1011,10 @@ impl Vsock {
             );
             self.kill(key, true);
         }
-        if self.pending_hosts.is_empty() && self.conns.values().all(|c| c.deadline.is_none()) {
+        if !self.accept_retry
+            && self.pending_hosts.is_empty()
+            && self.conns.values().all(|c| c.deadline.is_none())
+        {
             self.disarm_timer();
         }
     }
@@ -1032,6 +1049,9 @@ impl Vsock {
             return false;
         };
         let mut used = false;
+        // Each empty-handed visit clears what made a connection ready, so a streak longer
+        // than the connection count would be a bug: never spin on it under the lock.
+        let mut empty_visits = 0usize;
         loop {
             let source = if self.rst_queue.is_empty() {
                 match self.next_ready() {
@@ -1070,6 +1090,11 @@ impl Vsock {
                         Fill::Nothing => {
                             rxq.go_to_previous_position();
                             self.refresh(key);
+                            empty_visits += 1;
+                            if empty_visits > self.conns.len() {
+                                warn!("vsock: RX fill made no progress, deferred");
+                                break;
+                            }
                             continue;
                         }
                         Fill::Reset => {
@@ -1088,6 +1113,7 @@ impl Vsock {
                     },
                 },
             };
+            empty_visits = 0;
             match rxq.add_used(mem, head, len) {
                 Ok(()) => used = true,
                 Err(e) => {
@@ -1324,6 +1350,7 @@ impl VirtioDevice for Vsock {
         }
         self.ready.clear();
         self.rst_queue.clear();
+        self.accept_retry = false;
         self.disarm_timer();
         self.activated = false;
         debug!(closed = count, "vsock: reset, connections closed");

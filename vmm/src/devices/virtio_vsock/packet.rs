@@ -262,8 +262,7 @@ fn write_segments(mem: &GuestMemory, segs: &[Segment], parts: &[&[u8]]) -> Resul
         while !part.is_empty() {
             let seg = match current.take() {
                 Some(seg) if seg.len > 0 => seg,
-                Some(seg) => seg,
-                None => segs.next().ok_or(PacketError::GuestMemory(0))?,
+                _ => segs.next().ok_or(PacketError::GuestMemory(0))?,
             };
             let n = usize::try_from(seg.len)
                 .unwrap_or(usize::MAX)
