@@ -245,7 +245,7 @@ fn guest_boots() -> Result<ExitCode, String> {
 }
 
 /// Bytes per stream for throughput figures (the lab is slow: keep runs to seconds).
-const TP_BYTES: u64 = 64 << 20;
+const TP_BYTES: u64 = 16 << 20;
 const TP_RUNS: usize = 3;
 
 /// MB/s through `streams` Unix socketpairs at once: the ceiling for vsock.
