@@ -54,6 +54,8 @@ build:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	# The fuzz targets (run with nightly: cd vmm && cargo fuzz run <target>) must keep compiling.
+	$(CARGO) check --locked -q --manifest-path vmm/fuzz/Cargo.toml --bins
 
 # Unit tests and host-level end-to-end tests (the guest image under QEMU TCG, the lab runner).
 test-unit: guest lab-kernel
