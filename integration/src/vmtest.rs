@@ -85,7 +85,12 @@ fn try_rerun_in_lab(what: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
 
 /// Runs `trials` where KVM is real: here, or inside the test lab (one boot for all).
 pub fn main(trials: Vec<Trial>) -> ExitCode {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    if std::env::var_os("COCOON_IN_LAB").is_some() && args.test_threads.is_none() {
+        // One nested guest at a time: the emulated machine is slow and has shown rare
+        // faults with several nested VMs at once (see docs/test-lab.md).
+        args.test_threads = Some(1);
+    }
     if args.list {
         return libtest_mimic::run(&args, trials).exit_code();
     }

@@ -3,6 +3,7 @@
 //! Devices are driven synchronously from the vCPU thread whose exit reached them (port or
 //! MMIO access); each sits behind a `Mutex`. Interrupts go to the guest through KVM irqfds.
 
+pub mod segments;
 pub mod serial;
 pub mod tap;
 pub mod virtio_blk;

@@ -125,12 +125,8 @@ impl RequestError {
     }
 }
 
-/// A span of guest memory, already checked to lie inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u64,
-}
+use super::segments::split_segments;
+pub use super::segments::Segment;
 
 /// One discard / write-zeroes range as the guest sent it (not yet range-checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,31 +174,6 @@ pub fn status_address(descs: &[Descriptor], mem: &GuestMemory) -> Option<GuestAd
     }
     let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
     mem.check_range(addr, 1, Permissions::Write).then_some(addr)
-}
-
-/// Splits a list of spans at byte `at`: the first `at` bytes and the rest.
-fn split_segments(segs: &[Segment], mut at: u64) -> Option<(Vec<Segment>, Vec<Segment>)> {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
-    for seg in segs {
-        if at >= seg.len {
-            head.push(*seg);
-            at -= seg.len;
-        } else if at > 0 {
-            head.push(Segment {
-                addr: seg.addr,
-                len: at,
-            });
-            tail.push(Segment {
-                addr: seg.addr.checked_add(at)?,
-                len: seg.len - at,
-            });
-            at = 0;
-        } else {
-            tail.push(*seg);
-        }
-    }
-    (at == 0).then_some((head, tail))
 }
 
 fn total_len(segs: &[Segment]) -> u64 {

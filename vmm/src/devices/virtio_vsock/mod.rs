@@ -987,10 +987,12 @@ impl Vsock {
             self.accept_all();
         }
         let now = Instant::now();
+        // Until the driver is ready, host connections wait (their clock starts then).
+        let activated = self.activated;
         let expired: Vec<u32> = self
             .pending_hosts
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| activated && p.deadline <= now)
             .map(|(&tag, _)| tag)
             .collect();
         for tag in expired {
@@ -1288,8 +1290,12 @@ impl VirtioDevice for Vsock {
         // Host connections kept across a reset are watched again; those that queued up
         // while the driver was not ready are accepted now.
         let tags: Vec<u32> = self.pending_hosts.keys().copied().collect();
+        // Their handshake time starts now: a host may connect long before the guest's
+        // driver is up (the runtime does, while the VM boots).
+        let deadline = Instant::now() + self.limits.handshake_timeout;
         for tag in tags {
             if let Some(p) = self.pending_hosts.get_mut(&tag) {
+                p.deadline = deadline;
                 let fd = p.stream.as_raw_fd();
                 if set_watch(&self.registrar, fd, tag, &mut p.watched, EventSet::IN).is_err() {
                     self.drop_pending(tag);

@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
+use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
 
 use crate::devices::GuestMemory;
 
@@ -158,12 +158,8 @@ pub struct TxError {
     pub error: PacketError,
 }
 
-/// A span of guest memory, checked to lie inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u64,
-}
+use crate::devices::segments::split_segments;
+pub use crate::devices::segments::Segment;
 
 /// A TX packet that passed every check: addressed from the guest to the host, a stream
 /// packet of a known operation, with exactly `header.len` payload bytes in `payload`.
@@ -177,31 +173,6 @@ pub struct TxPacket {
 /// Total length of spans (saturating: chains are short, this only guards arbitrary input).
 pub fn total_len(segs: &[Segment]) -> u64 {
     segs.iter().fold(0u64, |sum, s| sum.saturating_add(s.len))
-}
-
-/// Splits spans at byte `at`: the first `at` bytes and the rest; `None` if shorter.
-fn split_segments(segs: &[Segment], mut at: u64) -> Option<(Vec<Segment>, Vec<Segment>)> {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
-    for seg in segs {
-        if at >= seg.len {
-            head.push(*seg);
-            at -= seg.len;
-        } else if at > 0 {
-            head.push(Segment {
-                addr: seg.addr,
-                len: at,
-            });
-            tail.push(Segment {
-                addr: seg.addr.checked_add(at)?,
-                len: seg.len - at,
-            });
-            at = 0;
-        } else {
-            tail.push(*seg);
-        }
-    }
-    (at == 0).then_some((head, tail))
 }
 
 /// Non-empty descriptors as spans, each checked against guest memory for `access`.
@@ -418,6 +389,7 @@ pub fn write_rx_packet(
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::GuestAddress;
 
     const MEM_SIZE: usize = 0x4_0000;
     const CID: u64 = 3;
