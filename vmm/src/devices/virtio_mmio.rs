@@ -93,6 +93,19 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Copies `config` from `offset` into `data`; bytes past its end read as zeros.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+    else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 /// A device's view of its virtqueues: only those the driver made ready with a valid
 /// configuration are reachable.
 pub struct Queues<'a> {
