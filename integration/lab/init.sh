@@ -11,7 +11,16 @@ mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm 2>/dev/null
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-for d in /tmp /run /var/tmp /root; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+mount -t tmpfs -o mode=0755 tmpfs /run
+# /tmp, /var/tmp and /root become writable without hiding the host's files (the
+# repository or a CI clone may live under /tmp): an overlay whose upper layer is tmpfs.
+# Writes stay inside the lab.
+for d in /tmp /var/tmp /root; do
+  s=/run/lab/scratch$(echo "$d" | tr / _)
+  mkdir -p "$s/upper" "$s/work"
+  mount -t overlay overlay -o "lowerdir=$d,upperdir=$s/upper,workdir=$s/work" "$d" ||
+    mount -t tmpfs -o mode=0755 tmpfs "$d"
+done
 chmod 1777 /tmp /var/tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 # KVM per-VM statistics (exit counts) for benchmarks.

@@ -35,15 +35,33 @@ fn assert_left_nothing_behind(run: &LabRun) {
 #[test]
 fn command_runs_with_real_kvm_and_passes_files_out() {
     let out = tempfile::tempdir().expect("tempdir");
+    // A host file under /tmp (where a CI clone may live) must stay visible in the lab,
+    // and the lab's writes there must not reach the host.
+    let host_file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(host_file.path(), "from-the-host").expect("write");
+    let host_path = host_file.path().display().to_string();
     let run = run(
-        "echo hello from the lab; grep -qw svm /proc/cpuinfo && test -c /dev/kvm && echo kvm-ok; \
-         echo payload >$COCOON_LAB_OUT/result.txt; touch /tmp/scratch-is-writable && echo rw-ok",
+        &format!(
+            "echo hello from the lab; grep -qw svm /proc/cpuinfo && test -c /dev/kvm && echo kvm-ok; \
+             echo payload >$COCOON_LAB_OUT/result.txt; touch /tmp/scratch-is-writable && echo rw-ok; \
+             echo seen-$(cat {host_path}); echo changed >{host_path}"
+        ),
         120,
         Some(out.path()),
     );
     let output = run.output.join("\n");
     assert_eq!(run.outcome, Outcome::Exited(0), "{}", run.console_tail(40));
-    for want in ["hello from the lab", "kvm-ok", "rw-ok"] {
+    assert_eq!(
+        std::fs::read_to_string(host_file.path()).expect("read"),
+        "from-the-host",
+        "the lab wrote through to the host"
+    );
+    for want in [
+        "hello from the lab",
+        "kvm-ok",
+        "rw-ok",
+        "seen-from-the-host",
+    ] {
         assert!(
             output.contains(want),
             "missing {want:?} in output:\n{output}"
