@@ -2,65 +2,26 @@
 //! packet parser, and checks that what it accepts is consistent and lies in guest memory;
 //! the same chain is also tried as an RX buffer and written to.
 //!
-//! Input: one byte of descriptor count, then 16 bytes per descriptor (addr u64, len u32,
-//! flags u16, next u16, little-endian), then the initial guest memory contents.
+//! Input: see `chain_input.rs`.
 //! Run with `cargo +nightly fuzz run virtio_vsock_packet` from `vmm/`.
 
 #![no_main]
+
+mod chain_input;
 
 use cocoon_vmm::devices::virtio_vsock::{
     parse_rx_buffer, parse_tx_packet, read_segments, write_rx_packet, Header, Op, HEADER_LEN,
     HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
 };
-use cocoon_vmm::devices::GuestMemory;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
+use vm_memory::{GuestMemory as _, Permissions};
 
-const MEM_SIZE: usize = 0x1_0000;
-const MAX_DESCRIPTORS: usize = 32;
 const GUEST_CID: u64 = 3;
 
-/// Addresses mostly land near guest memory (in range, straddling its end, or just
-/// past it); with the top bit of the address set they are used raw, to reach overflow.
-fn address(raw: u64) -> u64 {
-    if raw & (1 << 63) != 0 {
-        raw
-    } else {
-        raw % (2 * MEM_SIZE as u64)
-    }
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-
 fuzz_target!(|data: &[u8]| {
-    let Some((&count, rest)) = data.split_first() else {
+    let Some((descs, mem)) = chain_input::decode(data) else {
         return;
     };
-    let count = usize::from(count) % (MAX_DESCRIPTORS + 1);
-    let Some(table) = rest.get(..count * 16) else {
-        return;
-    };
-    let contents = &rest[count * 16..];
-
-    let descs: Vec<Descriptor> = table
-        .chunks_exact(16)
-        .map(|d| {
-            let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-            Descriptor::new(address(addr), len, u16_at(d, 12), u16_at(d, 14))
-        })
-        .collect();
-
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
-        return;
-    };
-    let n = contents.len().min(MEM_SIZE);
-    if mem.write_slice(&contents[..n], GuestAddress(0)).is_err() {
-        return;
-    }
 
     match parse_tx_packet(&descs, &mem, GUEST_CID) {
         Ok(pkt) => {
