@@ -16,6 +16,7 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
+const PF_W: u32 = 2;
 const PAGE: u64 = 4096;
 const MAX_PHDRS: u16 = 64;
 const MAX_NOTES: u64 = 64 * 1024;
@@ -115,6 +116,8 @@ struct Segment {
     offset: u64,
     filesz: u64,
     memsz: u64,
+    /// PF_W: the kernel writes these pages at once, so they are copied, not mapped.
+    writable: bool,
 }
 
 #[derive(Debug)]
@@ -163,7 +166,7 @@ fn parse_elf(file: &File) -> Result<ElfKernel, String> {
     let mut segments = Vec::new();
     let mut pvh_entry = None;
     for ph in phdrs.chunks_exact(56) {
-        let (kind, offset, paddr) = (le32(ph, 0), le64(ph, 8), le64(ph, 24));
+        let (kind, flags, offset, paddr) = (le32(ph, 0), le32(ph, 4), le64(ph, 8), le64(ph, 24));
         let (filesz, memsz) = (le64(ph, 32), le64(ph, 40));
         match kind {
             PT_LOAD if filesz > memsz => {
@@ -174,6 +177,7 @@ fn parse_elf(file: &File) -> Result<ElfKernel, String> {
                 offset,
                 filesz,
                 memsz,
+                writable: flags & PF_W != 0,
             }),
             PT_NOTE if filesz <= MAX_NOTES => {
                 let notes = read_at(file, offset, filesz as usize)?;
@@ -234,10 +238,17 @@ fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
 /// mapped copy-on-write from the file rather than read: nothing is copied at start-up, and
 /// VMs booting the same image share its untouched pages in the page cache. Partial pages
 /// (and ranges not page aligned) are copied.
-fn place(mem: &GuestMemory, file: &File, paddr: u64, offset: u64, len: u64) -> Result<(), String> {
+fn place(
+    mem: &GuestMemory,
+    file: &File,
+    paddr: u64,
+    offset: u64,
+    len: u64,
+    map: bool,
+) -> Result<(), String> {
     let mut copied_from = 0;
     let whole = len & !(PAGE - 1);
-    if paddr.is_multiple_of(PAGE) && offset.is_multiple_of(PAGE) && whole > 0 {
+    if map && paddr.is_multiple_of(PAGE) && offset.is_multiple_of(PAGE) && whole > 0 {
         let host = host_range(mem, paddr, whole)
             .ok_or_else(|| format!("range {paddr:#x}+{whole:#x} outside guest memory"))?;
         let off = libc::off_t::try_from(offset)
@@ -289,7 +300,9 @@ fn load_segments(mem: &GuestMemory, file: &File, segments: &[Segment]) -> Result
                 )
             })?;
         end = end.max(seg_end);
-        place(mem, file, seg.paddr, seg.offset, seg.filesz)?;
+        // Pages the guest writes right away would fault twice (read, then copy-on-write)
+        // if mapped: copy those, map the rest.
+        place(mem, file, seg.paddr, seg.offset, seg.filesz, !seg.writable)?;
     }
     Ok(end)
 }
@@ -314,7 +327,7 @@ fn load_initramfs(
     let addr = low_end.checked_sub(size).map(|a| a & !(PAGE - 1));
     match addr {
         Some(addr) if addr >= kernel_end && size > 0 => {
-            place(mem, &file, addr, 0, size).map_err(err)?;
+            place(mem, &file, addr, 0, size, true).map_err(err)?;
             Ok(hvm_modlist_entry {
                 paddr: addr,
                 size,
