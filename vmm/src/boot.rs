@@ -451,10 +451,23 @@ mod tests {
 
     #[test]
     fn kernel_segments_are_mapped_and_copied_exactly() {
+        for writable in [false, true] {
+            segment_loads_exactly(writable);
+        }
+    }
+
+    /// `writable`: the segment is PF_W, so it is copied rather than mapped.
+    fn segment_loads_exactly(writable: bool) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = tiny_elf(dir.path());
+        if writable {
+            let mut f = std::fs::read(&path).expect("read");
+            f[64 + 4] = PF_W as u8;
+            std::fs::write(&path, f).expect("write");
+        }
         let file = File::open(&path).expect("open");
         let elf = parse_elf(&file).expect("parse");
+        assert_eq!(elf.segments[0].writable, writable);
         assert_eq!(elf.pvh_entry, Some(GuestAddress(0x20_0010)));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mem");
         let end = load_segments(&mem, &file, &elf.segments).expect("load");
