@@ -393,10 +393,17 @@ fn throughput() -> Result<ExitCode, String> {
         &uds.display().to_string(),
         "--net",
         &format!("tap={},mac=02:00:00:00:00:02", netns::TAP),
+        "--log",
+        &dir.path().join("vmm.log").display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Per-connection events (opens, resets and why) go to the log.
+    std::env::set_var(
+        "COCOON_VMM_LOG",
+        "info,cocoon_vmm::devices::virtio_vsock=debug",
+    );
     let mut vm = vmm::start_in(&["ip", "netns", "exec", &lab.a], &args)
         .map_err(|e| format!("start cocoon-vmm: {e}"))?;
     if vm.wait_for(|l| l == "BENCH-READY", TIMEOUT).is_none() {
@@ -477,5 +484,14 @@ fn throughput() -> Result<ExitCode, String> {
     let _ = sink.kill();
     let _ = sink.wait();
     drop(vm);
-    result.map(|_| ExitCode::SUCCESS)
+    result.map(|_| ExitCode::SUCCESS).map_err(|e| {
+        // Every connection reset is logged with its reason: show them with the failure.
+        let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "{e}\n--- cocoon-vmm log (last lines) ---\n{}",
+            tail.join("\n")
+        )
+    })
 }
