@@ -1,7 +1,8 @@
 //! Spans of guest memory that a descriptor chain names, shared by the virtio devices that
 //! frame their requests by byte position rather than by descriptor.
 
-use vm_memory::{Address, GuestAddress};
+use super::GuestMemory;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 /// A span of guest memory, already checked to lie inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,32 @@ pub(crate) fn split_segments(
         }
     }
     (at == 0).then_some((head, tail))
+}
+
+/// Reads exactly `buf.len()` bytes from the spans, in order; Err: the guest address that
+/// could not be read (or the last span's, when the spans are too short).
+pub(crate) fn read_segments(
+    mem: &GuestMemory,
+    segs: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), u64> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == buf.len() {
+            break;
+        }
+        let n = usize::try_from(seg.len)
+            .unwrap_or(usize::MAX)
+            .min(buf.len() - done);
+        mem.read_slice(&mut buf[done..done + n], seg.addr)
+            .map_err(|_| seg.addr.raw_value())?;
+        done += n;
+    }
+    if done == buf.len() {
+        Ok(())
+    } else {
+        Err(segs.last().map_or(0, |s| s.addr.raw_value()))
+    }
 }
 
 #[cfg(test)]

@@ -125,8 +125,8 @@ impl RequestError {
     }
 }
 
-use super::segments::split_segments;
 pub use super::segments::Segment;
+use super::segments::{read_segments, split_segments};
 
 /// One discard / write-zeroes range as the guest sent it (not yet range-checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,27 +180,6 @@ fn total_len(segs: &[Segment]) -> u64 {
     // Spans are at most u32::MAX each and chains are short: saturation is never reached,
     // it only keeps arbitrary input from overflowing.
     segs.iter().fold(0u64, |sum, s| sum.saturating_add(s.len))
-}
-
-/// Reads exactly `buf.len()` bytes from the spans (which must hold at least that much).
-fn read_segments(mem: &GuestMemory, segs: &[Segment], buf: &mut [u8]) -> Result<(), u64> {
-    let mut done = 0usize;
-    for seg in segs {
-        if done == buf.len() {
-            break;
-        }
-        let n = usize::try_from(seg.len)
-            .unwrap_or(usize::MAX)
-            .min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], seg.addr)
-            .map_err(|_| seg.addr.raw_value())?;
-        done += n;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(segs.last().map_or(0, |s| s.addr.raw_value()))
-    }
 }
 
 /// Parses and validates one request chain; no disk I/O, no writes to guest memory.

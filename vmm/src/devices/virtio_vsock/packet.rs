@@ -197,31 +197,13 @@ fn to_segments(
     Ok(segs)
 }
 
-/// Reads `buf.len()` bytes from the start of the spans.
+/// Reads exactly `buf.len()` bytes from the spans, in order.
 pub fn read_segments(
     mem: &GuestMemory,
     segs: &[Segment],
     buf: &mut [u8],
 ) -> Result<(), PacketError> {
-    let mut done = 0usize;
-    for seg in segs {
-        if done == buf.len() {
-            break;
-        }
-        let n = usize::try_from(seg.len)
-            .unwrap_or(usize::MAX)
-            .min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], seg.addr)
-            .map_err(|_| PacketError::GuestMemory(seg.addr.raw_value()))?;
-        done += n;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(PacketError::GuestMemory(
-            segs.last().map_or(0, |s| s.addr.raw_value()),
-        ))
-    }
+    crate::devices::segments::read_segments(mem, segs, buf).map_err(PacketError::GuestMemory)
 }
 
 /// Writes `parts` one after the other as a single byte stream over the spans.
