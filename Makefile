@@ -6,7 +6,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab \
-        lint bench bench-vmm lab-shell demo clean FORCE
+        lint bench bench-vmm bench-agent lab-shell demo clean FORCE
 
 all: guest build
 
@@ -21,8 +21,9 @@ kernel:
 lab-kernel:
 	guest-kernel/build.sh lab $(BUILD)/lab
 
-# The agent, statically linked: it is the guest's only userspace.
+# The agent, statically linked (libseccomp too): it is the guest's only userspace.
 $(BUILD)/cocoon-agent: FORCE
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
 	    --target $(TARGET) -p cocoon-agent
 	@mkdir -p $(BUILD)
@@ -60,7 +61,7 @@ lint:
 # Unit tests and host-level end-to-end tests (the guest image under QEMU TCG, the lab runner).
 test-unit: guest lab-kernel
 	$(CARGO) test --locked --workspace --exclude cocoon-integration
-	$(CARGO) test --locked -p cocoon-integration --lib --bins --test guest_image
+	$(CARGO) test --locked -p cocoon-integration --lib --bins --test guest_image --test agent
 
 test-lab: lab-kernel guest
 	$(CARGO) test --locked -p cocoon-integration --test lab
@@ -69,6 +70,7 @@ test-lab: lab-kernel guest
 test-vm: guest lab-kernel $(BUILD)/cocoon-vsock-probe
 	$(CARGO) build --locked -p cocoon-vmm
 	$(CARGO) test --locked -p cocoon-integration --test vm
+	$(CARGO) test --locked -p cocoon-integration --test agent_vm
 
 # The whole suite.
 test: lint test-unit test-lab test-vm
@@ -79,6 +81,10 @@ bench: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 # cocoon-vmm against QEMU microvm: boots in the lab (or on hardware KVM), first KVM_RUN and RSS natively.
 bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench vmm
+
+# The guest agent inside a VM: exec round trip, container create+start.
+bench-agent: guest lab-kernel $(BUILD)/cocoon-vmm
+	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench agent
 
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell

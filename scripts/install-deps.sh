@@ -7,8 +7,9 @@ set -euo pipefail
 BASE_PKGS=(
   build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
   linux-source-6.1
-  e2fsprogs erofs-utils busybox-static
+  e2fsprogs erofs-utils busybox-static libseccomp-dev
   iproute2 util-linux procps python3
+  containerd runc containernetworking-plugins
 )
 # QEMU 10 from bookworm-backports: the lab needs it (QEMU 7.2's TCG froze the lab),
 # and its qboot.rom firmware avoids SeaBIOS' 30 s stall.

@@ -1,10 +1,39 @@
 //! What the Cocoon guest agent and the host agree on.
 //!
-//! For now that is the console handshake: the agent prints one [`ReadyLine`] on the
-//! guest console once it runs as PID 1, and the kernel command line parameters that
-//! steer the agent ([`SELFTEST_PARAM`]).
+//! - the ttrpc API ([`api`], generated from `proto/agent.proto`), served by the agent on
+//!   vsock port [`AGENT_PORT`];
+//! - process stdio streams on vsock port [`STDIO_PORT`] ([`stdio`]);
+//! - the ready handshake: the agent prints one [`ReadyLine`] on the console and sends the
+//!   same line to the host's vsock port [`READY_PORT`];
+//! - kernel command line parameters that steer the agent ([`SELFTEST_PARAM`]).
 
 use std::fmt;
+
+pub mod stdio;
+
+/// Generated protobuf messages and ttrpc client/server code.
+pub mod api {
+    #[allow(clippy::all, clippy::unwrap_used, unused, missing_docs, nonstandard_style)]
+    pub mod agent {
+        include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+    }
+    #[allow(clippy::all, clippy::unwrap_used, unused, missing_docs, nonstandard_style)]
+    pub mod agent_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+    }
+    pub use agent::*;
+    pub use agent_ttrpc::*;
+}
+
+/// Version of the agent API; `Hello` reports it. Bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Guest vsock port of the agent's ttrpc server.
+pub const AGENT_PORT: u32 = 1024;
+/// Guest vsock port for process stdio streams.
+pub const STDIO_PORT: u32 = 1025;
+/// Host vsock port (a Unix listener at `<vsock socket>_1026`) the agent reports ready to.
+pub const READY_PORT: u32 = 1026;
 
 /// Kernel command line parameter: `cocoon.selftest=1` makes the agent power the VM off
 /// right after it reports ready (image checks, boot benchmarks).

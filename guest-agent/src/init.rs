@@ -1,12 +1,10 @@
-//! The PID 1 duties: kernel filesystems, uptime, reaping, power-off.
+//! The PID 1 duties: kernel filesystems, cgroup v2, uptime, power-off.
 
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::time::{clock_gettime, ClockId};
-use nix::unistd::{sync, Pid};
+use nix::unistd::sync;
 use std::path::Path;
 
 /// A kernel filesystem the agent could not mount.
@@ -18,34 +16,114 @@ pub struct MountError {
     source: std::io::Error,
 }
 
-/// Mounts proc, sysfs and devtmpfs; one result per mount so that one failure does not
-/// hide the others.
+/// Mounts what the agent and containers need: proc, sysfs, devtmpfs, devpts, /dev/shm,
+/// a tmpfs /run and cgroup v2. One result per mount so that one failure does not hide
+/// the others.
 pub fn mount_kernel_filesystems() -> Vec<Result<(), MountError>> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     [
-        ("proc", "/proc", nodev),
-        ("sysfs", "/sys", nodev),
-        ("devtmpfs", "/dev", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC),
+        ("proc", "/proc", nodev, None),
+        ("sysfs", "/sys", nodev, None),
+        (
+            "devtmpfs",
+            "/dev",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            None,
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        ("tmpfs", "/dev/shm", nodev, Some("mode=1777")),
+        (
+            "tmpfs",
+            "/run",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        ("cgroup2", "/sys/fs/cgroup", nodev, Some("nsdelegate")),
     ]
     .into_iter()
-    .map(|(fstype, target, flags)| {
+    .map(|(fstype, target, flags, data)| {
         let wrap = |source: std::io::Error| MountError {
             fstype,
             target,
             source,
         };
         std::fs::create_dir_all(target).map_err(wrap)?;
-        mount(
-            Some(fstype),
-            Path::new(target),
-            Some(fstype),
-            flags,
-            None::<&str>,
-        )
-        .or_else(|e| if e == Errno::EBUSY { Ok(()) } else { Err(e) })
-        .map_err(|e| wrap(e.into()))
+        mount(Some(fstype), Path::new(target), Some(fstype), flags, data)
+            .or_else(|e| if e == Errno::EBUSY { Ok(()) } else { Err(e) })
+            .map_err(|e| wrap(e.into()))
     })
     .collect()
+}
+
+/// Controllers handed down to container cgroups.
+const CONTROLLERS: &str = "+cpu +cpuset +io +memory +pids";
+
+/// Lets child cgroups use the controllers containers are limited by.
+pub fn enable_cgroup_controllers() -> std::io::Result<()> {
+    std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", CONTROLLERS)
+}
+
+/// Set in the environment of the agent re-executed from the new root.
+const SWITCHED_ENV: &str = "COCOON_ROOT_SWITCHED";
+
+/// Moves the agent off the initramfs onto a tmpfs root, the way `switch_root` does, and
+/// re-executes it from there; returns only when that already happened (or on failure).
+///
+/// The initramfs (rootfs) can never be unmounted or pivoted away, so pivot_root(2) fails
+/// for every mount namespace whose root it is; containers would need chroot, which a
+/// process with CAP_SYS_CHROOT can escape. From a tmpfs root, libcontainer uses
+/// pivot_root. The initramfs files are deleted so their memory is not held twice.
+pub fn switch_root_off_initramfs() -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::env::var_os(SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let new = Path::new("/newroot");
+    std::fs::create_dir_all(new)?;
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    std::fs::copy("/init", new.join("init"))?;
+    for dir in ["proc", "sys", "dev", "run", "tmp"] {
+        std::fs::create_dir_all(new.join(dir))?;
+    }
+    std::fs::set_permissions(
+        new.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )?;
+    // Free the initramfs: everything on the root filesystem except the new root.
+    let root_dev = std::fs::metadata("/")?.dev();
+    for entry in std::fs::read_dir("/")?.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if path == new || meta.dev() != root_dev {
+            continue;
+        }
+        let _ = if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+    std::env::set_current_dir(new)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("/init").env(SWITCHED_ENV, "1"),
+    );
+    Err(err)
 }
 
 /// Guest uptime in milliseconds, counting time the VM was suspended too.
@@ -70,26 +148,5 @@ pub fn power_off() -> Errno {
     match reboot(mode) {
         Err(e) => e,
         Ok(never) => match never {},
-    }
-}
-
-/// Reaps every child that exits, forever. SIGCHLD is blocked and waited for, so no
-/// signal handler runs in PID 1.
-pub fn reap_forever() -> ! {
-    let mut chld = SigSet::empty();
-    chld.add(Signal::SIGCHLD);
-    // Blocking cannot fail for a valid signal set; if it did, the loop still reaps on
-    // each wake-up below.
-    let _ = chld.thread_block();
-    loop {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-        if chld.wait().is_err() {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
     }
 }

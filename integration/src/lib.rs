@@ -5,6 +5,7 @@
 pub mod console;
 pub mod lab;
 pub mod netns;
+pub mod oci;
 pub mod paths;
 pub mod qemu;
 pub mod stats;
@@ -12,3 +13,7 @@ pub mod testguest;
 pub mod vmm;
 pub mod vmtest;
 pub mod vsock;
+pub mod containerd;
+pub mod cri;
+pub mod image;
+pub mod residue;

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
             vmm_control_pause_resume_stats_shutdown,
         ),
         Trial::test("vmm_vsock_streams_both_ways", vmm_vsock_streams_both_ways),
+        Trial::test(
+            "vmm_vsock_slow_host_gets_all_guest_data",
+            vmm_vsock_slow_host_gets_all_guest_data,
+        ),
         Trial::test("vmm_net_tcp_both_ways", vmm_net_tcp_both_ways),
         Trial::test(
             "vmm_guest_reboot_and_panic_end_the_vmm",
@@ -493,6 +497,62 @@ fn vmm_vsock_streams_both_ways() -> Result<(), Failed> {
         &out,
     )?;
     check(big.is_ok(), &format!("16 MiB stream: {big:?}"), &out)
+}
+
+/// A guest writes a stream and closes while the host is not reading: what does not fit
+/// the Unix socket waits in the VMM. Linux resets the connection 8 s after its close when
+/// the host side has not closed; a host that comes back after that must still read every
+/// byte, then EOF (the VMM gives up only on a host that stays away 10 s).
+fn vmm_vsock_slow_host_gets_all_guest_data() -> Result<(), Failed> {
+    use std::io::{Read, Write};
+    // More than the Unix socket holds, less than that plus the VMM's 256 KiB credit, so
+    // the guest finishes writing and closes at once.
+    const BYTES: u64 = 320 * 1024;
+    let dir = tempfile::tempdir()?;
+    let uds = dir.path().join("v.sock");
+    let init = busybox_initramfs_with(
+        dir.path(),
+        "vsock-slow",
+        "cocoon-vsock-probe serve-source vsock:5001 & sleep 1; echo GUEST-READY; sleep 3600",
+        &[(&probe()?, "bin/cocoon-vsock-probe")],
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend(["--vsock".into(), uds.display().to_string()]);
+    args.extend([
+        "--control-socket".into(),
+        dir.path().join("c.sock").display().to_string(),
+    ]);
+    let mut vm = vmm::start(&args)?;
+    let ready = vm.wait_for(|l| l == "GUEST-READY", BOOT_TIMEOUT);
+    let result = (|| -> Result<u64, String> {
+        let mut c = cocoon_integration::vsock::connect(&uds, 5001).map_err(|e| e.to_string())?;
+        c.write_all(&BYTES.to_le_bytes()).map_err(|e| e.to_string())?;
+        // Past the guest's close timeout, within the VMM's linger time.
+        std::thread::sleep(Duration::from_millis(8800));
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0u64;
+        loop {
+            let n = c.read(&mut buf).map_err(|e| format!("read after {got}: {e}"))?;
+            if n == 0 {
+                return Ok(got);
+            }
+            if buf[..n].iter().any(|&b| b != 0x5a) {
+                return Err(format!("unexpected bytes after {got}"));
+            }
+            got += n as u64;
+        }
+    })();
+    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let out = vm.finish(Duration::from_secs(30))?;
+    check(ready.is_some(), "guest did not come up", &out)?;
+    match result {
+        Ok(got) => check(
+            got == BYTES,
+            &format!("host read {got} of {BYTES} bytes, then EOF"),
+            &out,
+        ),
+        Err(e) => check(false, &e, &out),
+    }
 }
 
 /// virtio-net over a TAP in a namespace of the test's own: TCP both ways between the guest

@@ -1,21 +1,168 @@
-//! `containerd-shim-cocoon-v1`: the containerd shim v2 for Cocoon. The Task API arrives
-//! with the shim issue; until then the binary answers containerd's version probe only.
+//! `containerd-shim-cocoon-v1`: the containerd shim v2 for Cocoon.
+//!
+//! Thin glue: containerd's Task API (ttrpc) is converted to calls of
+//! [`cocoon_runtime::task::Service`], one per verb, and the runtime's task events are
+//! published to containerd. One shim process serves one pod: `start` groups containers
+//! by the CRI annotation `io.kubernetes.cri.sandbox-id` and hands out the running
+//! shim's socket for every container of the pod.
+//!
+//! The `start` and `delete` actions (and `-info`) run through the `containerd-shim`
+//! crate. The serving process is set up here instead of by the crate, because the crate
+//! registers the Task service only as `containerd.task.v3.Task` (containerd 2.x), and
+//! containerd 1.6/1.7 call `containerd.task.v2.Task`: the same messages under the old
+//! name. This shim serves both names.
 
+mod convert;
+mod logging;
+mod service;
+
+use std::os::fd::IntoRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use containerd_shim as shim;
+use shim::protos::ttrpc::Server;
+use tracing::{error, info, warn};
+
+use cocoon_runtime::config::Config;
+
+/// containerd's name for the runtime (`runtime_type`).
+pub const RUNTIME_ID: &str = "io.containerd.cocoon.v1";
 
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        // containerd runs `<shim> -v` to learn the shim's version.
-        Some("-v") | Some("--version") => {
-            println!(
-                "containerd-shim-cocoon-v1:\n  Version: {}",
-                env!("CARGO_PKG_VERSION")
-            );
-            ExitCode::SUCCESS
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if matches!(
+        args.get(1).and_then(|a| a.to_str()),
+        Some("-v") | Some("--version") | Some("-version")
+    ) {
+        println!(
+            "containerd-shim-cocoon-v1:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let flags = match shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-cocoon-v1: {e}");
+            return ExitCode::from(2);
         }
-        _ => {
-            eprintln!("containerd-shim-cocoon-v1: this build cannot serve the Task API yet");
-            ExitCode::from(2)
+    };
+    if flags.info || !flags.action.is_empty() {
+        // start, delete, -info: the crate's bootstrap (start protocols of containerd 1.6
+        // to 2.3), calling back into `service::CocoonShim`.
+        shim::run::<service::CocoonShim>(
+            RUNTIME_ID,
+            Some(shim::Config {
+                no_setup_logger: true,
+                default_log_level: "info".into(),
+                no_reaper: true,
+                no_sub_reaper: true,
+            }),
+        );
+        return ExitCode::SUCCESS;
+    }
+    match serve(&flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("shim failed: {e}");
+            eprintln!("containerd-shim-cocoon-v1: {e}");
+            ExitCode::from(1)
         }
     }
+}
+
+fn socket_path(address: &str) -> PathBuf {
+    PathBuf::from(
+        address
+            .strip_prefix("unix://")
+            .unwrap_or(address)
+            .to_string(),
+    )
+}
+
+/// Lets the `start` process (the crate's `spawn`, which reads our stdout to EOF) go on:
+/// our stdout becomes our stderr.
+fn signal_started() {
+    // SAFETY: dup2 on the process's own standard descriptors; no memory is involved.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}
+
+/// Binds the shim socket; `None` when a live shim already serves it.
+fn bind(path: &Path) -> Result<Option<UnixListener>, String> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            if UnixStream::connect(path).is_ok() {
+                return Ok(None);
+            }
+            std::fs::remove_file(path).map_err(|e| format!("removing stale {path:?}: {e}"))?;
+        } else {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    UnixListener::bind(path)
+        .map(Some)
+        .map_err(|e| format!("binding {}: {e}", path.display()))
+}
+
+/// The serving shim: logging, the Task service under both API names, until Shutdown.
+fn serve(flags: &shim::Flags) -> Result<(), String> {
+    if flags.namespace.is_empty() || flags.socket.is_empty() {
+        return Err("-namespace and -socket are required to serve".into());
+    }
+    let config = Config::load_default();
+    let level = match &config {
+        Ok(c) if !flags.debug => c.log_level.clone(),
+        _ => "debug".into(),
+    };
+    logging::init_fifo(&level, &flags.id);
+    let config = config.map_err(|e| e.to_string())?;
+
+    let path = socket_path(&flags.socket);
+    let Some(listener) = bind(&path)? else {
+        info!(socket = %path.display(), "a shim already serves this pod");
+        shim::synchronous::util::write_address(&flags.socket).map_err(|e| e.to_string())?;
+        signal_started();
+        return Ok(());
+    };
+    let ttrpc_address =
+        std::env::var("TTRPC_ADDRESS").map_err(|_| "TTRPC_ADDRESS is not set".to_string())?;
+    let publisher = shim::publisher::RemotePublisher::new(&ttrpc_address)
+        .map_err(|e| format!("connecting to containerd's event service {ttrpc_address}: {e}"))?;
+    let task = service::TaskService::new(config, publisher, &flags.namespace);
+    let exit = task.exit.clone();
+    let task: Arc<dyn shim::protos::shim_sync::Task + Send + Sync> = Arc::new(task);
+
+    let mut services = shim::protos::shim_sync::create_task(task.clone());
+    let v3: Vec<String> = services.keys().cloned().collect();
+    for (name, svc) in shim::protos::shim_sync::create_task(task) {
+        let v2 = name.replace("containerd.task.v3.", "containerd.task.v2.");
+        if v2 != name {
+            services.insert(v2, svc);
+        }
+    }
+    let mut server = Server::new()
+        .add_listener(listener.into_raw_fd())
+        .map_err(|e| format!("ttrpc listener: {e}"))?
+        .register_service(services);
+    server.start().map_err(|e| format!("ttrpc server: {e}"))?;
+    info!(socket = %path.display(), namespace = %flags.namespace, id = %flags.id,
+        services = ?v3, pid = std::process::id(), "shim serving (task API v2 and v3)");
+    signal_started();
+
+    exit.wait();
+    info!("shutting down");
+    server.shutdown();
+    if let Err(e) = std::fs::remove_file(&path) {
+        warn!(socket = %path.display(), error = %e, "removing the shim socket");
+    }
+    Ok(())
 }

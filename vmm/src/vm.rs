@@ -7,21 +7,25 @@ use crate::config::VmConfig;
 use crate::devices::serial::SerialConsole;
 use crate::devices::tap::Tap;
 use crate::devices::virtio_blk::{Backing, Block, BlockError};
-use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::virtio_mmio::{
+    MmioTransport, VirtioDevice, MAX_NOTIFY_FDS, NOTIFY_TAG_BASE, QUEUE_NOTIFY_OFFSET,
+};
 use crate::devices::virtio_net::Net;
 use crate::devices::virtio_vsock::Vsock;
 use crate::devices::{GuestMemory, Irq};
-use crate::event_loop::{EventLoop, LoopStopper};
+use crate::event_loop::{EventLoop, LoopStopper, Registrar};
 use crate::layout::*;
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{self, CpuTemplate, VcpuControl, VcpuError, VcpuStop};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -282,11 +286,10 @@ impl Vm {
                         why: e.to_string(),
                     }
                 })?;
-            let t = Arc::new(Mutex::new(MmioTransport::new(
-                vsock,
-                mem.clone(),
-                irq(vm, gsi)?,
-            )));
+            let mut t = MmioTransport::new(vsock, mem.clone(), irq(vm, gsi)?);
+            let queues = t.device().queue_max_sizes().len();
+            t.set_notify_fds(notify_fds(vm, &io.registrar(index as u32), index, queues));
+            let t = Arc::new(Mutex::new(t));
             add_virtio(&mut bus, &mut io, &mut index, t.clone(), t);
         }
         if let Some(n) = &config.net {
@@ -311,11 +314,10 @@ impl Vm {
                 .unwrap_or_else(default_mac);
             let net = Net::new(tap, mac, io.registrar(index as u32))
                 .map_err(|e| VmError::Net(error_chain(&e)))?;
-            let t = Arc::new(Mutex::new(MmioTransport::new(
-                net,
-                mem.clone(),
-                irq(vm, gsi)?,
-            )));
+            let mut t = MmioTransport::new(net, mem.clone(), irq(vm, gsi)?);
+            let queues = t.device().queue_max_sizes().len();
+            t.set_notify_fds(notify_fds(vm, &io.registrar(index as u32), index, queues));
+            let t = Arc::new(Mutex::new(t));
             add_virtio(&mut bus, &mut io, &mut index, t.clone(), t);
         }
         let bus = Arc::new(bus);
@@ -534,6 +536,53 @@ fn add_virtio(
     bus.add_mmio(base, VIRTIO_MMIO_SIZE, dev);
     io.set_handler(*index as u32, handler);
     *index += 1;
+}
+
+/// Eventfds KVM signals when the guest writes queue `i`'s index to the QueueNotify
+/// register of virtio device `index` (KVM_IOEVENTFD), watched by the I/O loop: a
+/// notification then costs no exit to user space and is handled off the vCPU thread.
+/// Empty (notifications stay MMIO exits) when KVM refuses, which is logged.
+fn notify_fds(vm: &VmFd, registrar: &Registrar, index: usize, queues: usize) -> Vec<EventFd> {
+    let addr = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE + QUEUE_NOTIFY_OFFSET;
+    let mut fds = Vec::new();
+    for queue in 0..queues.min(MAX_NOTIFY_FDS) as u32 {
+        // Watched first, then registered with KVM: a failure leaves nothing behind that
+        // could swallow a notification.
+        let registered = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                registrar
+                    .add(fd.as_raw_fd(), NOTIFY_TAG_BASE + queue, EventSet::IN)
+                    .map(|()| fd)
+                    .map_err(|e| format!("I/O loop: {e}"))
+            })
+            .and_then(
+                |fd| match vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), queue) {
+                    Ok(()) => Ok(fd),
+                    Err(e) => {
+                        let _ = registrar.remove(fd.as_raw_fd());
+                        Err(format!("KVM_IOEVENTFD: {e}"))
+                    }
+                },
+            );
+        match registered {
+            Ok(fd) => fds.push(fd),
+            Err(why) => {
+                tracing::warn!(
+                    device = index,
+                    queue,
+                    why,
+                    "virtio-mmio: no ioeventfd, queue notifications exit to the VMM"
+                );
+                for (q, fd) in fds.iter().enumerate() {
+                    let _ = registrar.remove(fd.as_raw_fd());
+                    let _ = vm.unregister_ioevent(fd, &IoEventAddress::Mmio(addr), q as u32);
+                }
+                return Vec::new();
+            }
+        }
+    }
+    fds
 }
 
 /// A locally administered unicast MAC, different per VMM process.

@@ -817,7 +817,7 @@ impl VirtioDevice for Block {
             return false;
         };
         // Snapshot what is available now (at most the queue size); later chains come
-        // with their own notification, since we never suppress them.
+        // with their own notification, or the transport runs another pass for them.
         let chains: Vec<_> = match queue.iter(mem) {
             Ok(iter) => iter.collect(),
             Err(e) => {

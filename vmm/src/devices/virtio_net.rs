@@ -480,7 +480,7 @@ impl Net {
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let start = queue.next_avail();
         // Snapshot what is available now (at most the queue size); later chains come
-        // with their own notification, since we never suppress them.
+        // with their own notification, or the transport runs another pass for them.
         let chains: Vec<_> = match queue.iter(mem) {
             Ok(iter) => iter.collect(),
             Err(e) => {

@@ -85,8 +85,11 @@ pub struct Connection {
     pub pending: PendingCtl,
 
     // Host → guest.
-    /// Bytes read past the CONNECT line, sent before anything else.
-    pub early: Vec<u8>,
+    /// Host bytes read but not sent yet: what came past the CONNECT line, and what a
+    /// read brought beyond the RX buffer it was for (reads go as far as the guest's
+    /// credit, so one syscall fills many small guest buffers). Never more than the
+    /// guest's credit at the time of the read.
+    pub staged: VecDeque<u8>,
     /// The stream reported input that has not been read yet.
     pub host_readable: bool,
     /// The stream reached end of file.
@@ -143,7 +146,7 @@ impl Connection {
             watched: None,
             queued: false,
             pending: PendingCtl::default(),
-            early: Vec::new(),
+            staged: VecDeque::new(),
             host_readable: false,
             host_eof: false,
             host_hup: false,
@@ -181,7 +184,7 @@ impl Connection {
 
     /// Host data is known to be waiting (read ahead, or reported by the I/O loop).
     pub fn data_waiting(&self) -> bool {
-        !self.early.is_empty() || self.host_readable
+        !self.staged.is_empty() || self.host_readable
     }
 
     /// Host → guest is open: established and neither side shut it.
@@ -256,13 +259,16 @@ impl Connection {
         Ok(())
     }
 
-    /// Writes what is waiting for the host stream, as far as it takes it.
-    pub fn flush(&mut self) -> Result<(), ConnError> {
+    /// Writes what is waiting for the host stream, as far as it takes it; returns whether
+    /// it took anything.
+    pub fn flush(&mut self) -> Result<bool, ConnError> {
+        let mut progress = false;
         while !self.host_out.is_empty() {
             let n = write_some(&mut self.stream, &self.host_out).map_err(ConnError::Host)?;
             if n == 0 {
-                return Ok(());
+                return Ok(progress);
             }
+            progress = true;
             self.host_out.drain(..n);
         }
         loop {
@@ -275,6 +281,7 @@ impl Connection {
             // n <= BUF_ALLOC.
             self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
             self.tx_buf.drain(..n);
+            progress |= n > 0;
             if n < len {
                 break;
             }
@@ -282,7 +289,7 @@ impl Connection {
         if self.tx_buf.is_empty() && self.tx_buf.capacity() > TX_BUF_KEEP {
             self.tx_buf = VecDeque::new();
         }
-        Ok(())
+        Ok(progress)
     }
 
     /// Carries the guest's shutdowns over to the stream once nothing is left to write.
@@ -290,7 +297,7 @@ impl Connection {
         if self.guest_shut_rcv && !self.host_read_shut {
             self.host_read_shut = true;
             self.host_readable = false;
-            self.early.clear();
+            self.staged = VecDeque::new();
             // The host's writes fail from now on (EPIPE); failure here means the stream
             // is gone already, which the next I/O shows.
             let _ = self.stream.shutdown(Shutdown::Read);

@@ -39,7 +39,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::virtio_mmio::{guest_warn, Queues, VirtioDevice, WarnLimiter};
+use super::virtio_mmio::{guest_warn, Queues, VirtioDevice, WarnLimiter, NOTIFY_TAG_BASE};
 use super::GuestMemory;
 use crate::event_loop::Registrar;
 use connection::{ConnKey, ConnState, Connection};
@@ -208,6 +208,8 @@ impl PendingHost {
 enum TagOwner {
     Pending,
     Conn(ConnKey),
+    /// A connection the guest has left, still handing its last data to the host.
+    Draining,
 }
 
 /// Outcome of filling one RX buffer from a connection.
@@ -318,6 +320,10 @@ pub struct Vsock {
     activated: bool,
     queue_max_sizes: [u16; 3],
     conns: HashMap<ConnKey, Connection>,
+    /// Connections the guest reset after shutting its sending side, by tag: the data it
+    /// sent before is still written to the host (until the linger deadline), then the
+    /// stream is closed. They count against the connection limit.
+    draining: HashMap<u32, Connection>,
     pending_hosts: HashMap<u32, PendingHost>,
     tags: HashMap<u32, TagOwner>,
     /// Live connections per host port.
@@ -400,6 +406,7 @@ impl Vsock {
             activated: false,
             queue_max_sizes: [QUEUE_SIZE; 3],
             conns: HashMap::new(),
+            draining: HashMap::new(),
             pending_hosts: HashMap::new(),
             tags: HashMap::new(),
             local_ports: HashMap::new(),
@@ -427,11 +434,20 @@ impl Vsock {
         self.conns.len()
     }
 
+    /// What the connection limit counts: live connections and those still draining.
+    fn live_connections(&self) -> usize {
+        self.conns.len() + self.draining.len()
+    }
+
     fn alloc_tag(&mut self) -> u32 {
         // At most MAX_PENDING_HOSTS + max_connections tags are in use: this ends.
         loop {
             let tag = self.next_tag;
-            self.next_tag = self.next_tag.checked_add(1).unwrap_or(FIRST_STREAM_TAG);
+            // Tags from NOTIFY_TAG_BASE up are the transport's queue notifications.
+            self.next_tag = match tag + 1 {
+                next if next >= NOTIFY_TAG_BASE => FIRST_STREAM_TAG,
+                next => next,
+            };
             if !self.tags.contains_key(&tag) {
                 return tag;
             }
@@ -481,22 +497,11 @@ impl Vsock {
 
     /// Closes a connection's host stream and forgets it; with `send_rst`, tells the guest.
     fn kill(&mut self, key: ConnKey, send_rst: bool) {
-        let Some(mut conn) = self.conns.remove(&key) else {
+        let Some(mut conn) = self.forget(key) else {
             return;
         };
         if conn.watched.take().is_some() {
             let _ = self.registrar.remove(conn.stream.as_raw_fd());
-        }
-        self.tags.remove(&conn.tag);
-        if conn.queued {
-            // Keeps the ready list to live connections, whatever the guest churns.
-            self.ready.retain(|k| *k != key);
-        }
-        if let Some(n) = self.local_ports.get_mut(&key.local_port) {
-            *n -= 1;
-            if *n == 0 {
-                self.local_ports.remove(&key.local_port);
-            }
         }
         debug!(
             local_port = key.local_port,
@@ -511,6 +516,123 @@ impl Vsock {
                 ..Header::default()
             });
         }
+    }
+
+    /// The guest reset connection `key`. Linux sends this RST on its own when the host
+    /// side has not closed within 8 s of the guest's `close()` (its close timeout), while
+    /// the data the guest sent before its SHUTDOWN(SEND) may still be waiting for a slow
+    /// host: closing the stream now would give the host an EOF in the middle of the data,
+    /// indistinguishable from the end. So that data is still written (until the linger
+    /// deadline) before the stream is closed. Without a SHUTDOWN(SEND) first, the guest
+    /// aborted the stream: it is closed at once.
+    fn guest_reset(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        if !conn.guest_shut_send || !conn.wants_output() {
+            self.kill(key, false);
+            return;
+        }
+        let Some(mut conn) = self.forget(key) else {
+            return;
+        };
+        // Nothing goes to the guest any more, and nothing is read from the host.
+        conn.pending = Default::default();
+        conn.host_readable = false;
+        conn.staged = VecDeque::new();
+        let linger = self.limits.linger_timeout;
+        let deadline = *conn.deadline.get_or_insert_with(|| Instant::now() + linger);
+        let tag = conn.tag;
+        if let Err(e) = set_watch(
+            &self.registrar,
+            conn.stream.as_raw_fd(),
+            tag,
+            &mut conn.watched,
+            EventSet::OUT,
+        ) {
+            warn!(
+                local_port = key.local_port,
+                peer_port = key.peer_port,
+                error = %e,
+                "vsock: cannot watch the host stream, undelivered guest data dropped"
+            );
+            self.close_draining(conn);
+            return;
+        }
+        debug!(
+            local_port = key.local_port,
+            peer_port = key.peer_port,
+            buffered = conn.tx_buf.len(),
+            left_ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+            "vsock: guest reset after closing; still writing its data to the host"
+        );
+        self.tags.insert(tag, TagOwner::Draining);
+        self.draining.insert(tag, conn);
+        self.arm_timer();
+    }
+
+    /// Host stream `tag` of a draining connection is ready: write more, close when done.
+    fn drain_event(&mut self, tag: u32, events: EventSet) {
+        let linger = self.limits.linger_timeout;
+        let Some(conn) = self.draining.get_mut(&tag) else {
+            return;
+        };
+        let failed = events.intersects(EventSet::ERROR | EventSet::HANG_UP)
+            || match conn.flush() {
+                Ok(progress) => {
+                    if progress {
+                        conn.deadline = Some(Instant::now() + linger);
+                    }
+                    false
+                }
+                Err(_) => true,
+            };
+        if failed || !conn.wants_output() {
+            if let Some(conn) = self.draining.remove(&tag) {
+                self.tags.remove(&tag);
+                if failed {
+                    debug!(
+                        local_port = conn.key.local_port,
+                        peer_port = conn.key.peer_port,
+                        "vsock: host stream failed while draining, guest data dropped"
+                    );
+                }
+                self.close_draining(conn);
+            }
+        }
+    }
+
+    /// Closes a draining connection's stream; the host reads EOF after what was written.
+    fn close_draining(&mut self, mut conn: Connection) {
+        if conn.watched.take().is_some() {
+            let _ = self.registrar.remove(conn.stream.as_raw_fd());
+        }
+        self.tags.remove(&conn.tag);
+        debug!(
+            local_port = conn.key.local_port,
+            peer_port = conn.key.peer_port,
+            undelivered = conn.tx_buf.len(),
+            "vsock: drained connection closed"
+        );
+    }
+
+    /// Removes a live connection from every index without closing its stream.
+    fn forget(&mut self, key: ConnKey) -> Option<Connection> {
+        let conn = self.conns.remove(&key)?;
+        self.tags.remove(&conn.tag);
+        if conn.queued {
+            // Keeps the ready list to live connections, whatever the guest churns.
+            self.ready.retain(|k| *k != key);
+        }
+        if let Some(n) = self.local_ports.get_mut(&key.local_port) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_ports.remove(&key.local_port);
+            }
+        }
+        Some(conn)
     }
 
     /// Queues an RST to the guest from host port `src_port` to guest port `dst_port`.
@@ -616,7 +738,7 @@ impl Vsock {
             return false;
         };
         // Snapshot what is available now (at most the queue size); later chains come
-        // with their own notification, since we never suppress them.
+        // with their own notification, or the transport runs another pass for them.
         let chains: Vec<(u16, Vec<Descriptor>)> = match txq.iter(mem) {
             Ok(iter) => iter.map(|c| (c.head_index(), c.collect())).collect(),
             Err(e) => {
@@ -699,7 +821,7 @@ impl Vsock {
                     peer_port = key.peer_port,
                     "vsock: guest reset the connection"
                 );
-                self.kill(key, false);
+                self.guest_reset(key);
                 return;
             }
             (ConnState::Connecting, Op::Response) => {
@@ -711,7 +833,7 @@ impl Vsock {
                     peer_port = key.peer_port,
                     "vsock: guest accepted a host connection"
                 );
-                conn.flush().map_err(|e| e.to_string())
+                conn.flush().map(|_| ()).map_err(|e| e.to_string())
             }
             (ConnState::Established, Op::Rw) => {
                 let len = h.len as usize;
@@ -763,7 +885,7 @@ impl Vsock {
 
     /// A guest REQUEST naming no connection: connect to `<path>_<port>`.
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
-        if self.conns.len() >= self.limits.max_connections {
+        if self.live_connections() >= self.limits.max_connections {
             guest_warn!(
                 self.warn,
                 local_port = key.local_port,
@@ -832,7 +954,7 @@ impl Vsock {
 
     fn add_pending(&mut self, stream: UnixStream) {
         if self.pending_hosts.len() >= MAX_PENDING_HOSTS
-            || self.conns.len() >= self.limits.max_connections
+            || self.live_connections() >= self.limits.max_connections
         {
             warn!(
                 connections = self.conns.len(),
@@ -900,7 +1022,7 @@ impl Vsock {
 
     /// A valid `CONNECT <port>`: a new connection, REQUEST owed to the guest.
     fn host_connect(&mut self, stream: UnixStream, port: u32, early: Vec<u8>) {
-        if self.conns.len() >= self.limits.max_connections {
+        if self.live_connections() >= self.limits.max_connections {
             warn!(
                 peer_port = port,
                 limit = self.limits.max_connections,
@@ -921,7 +1043,7 @@ impl Vsock {
         };
         let tag = self.alloc_tag();
         let mut conn = Connection::new(key, tag, stream, ConnState::Connecting);
-        conn.early = early;
+        conn.staged = early.into();
         conn.pending.request = true;
         conn.deadline = Some(Instant::now() + self.limits.handshake_timeout);
         self.insert_conn(conn);
@@ -934,6 +1056,7 @@ impl Vsock {
     }
 
     fn conn_event(&mut self, key: ConnKey, events: EventSet) {
+        let linger = self.limits.linger_timeout;
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -957,15 +1080,22 @@ impl Vsock {
             conn.host_readable = true;
         }
         if conn.wants_output() {
-            if let Err(e) = conn.flush() {
-                debug!(
-                    local_port = key.local_port,
-                    peer_port = key.peer_port,
-                    error = %e,
-                    "vsock: host stream write failed, connection reset"
-                );
-                self.kill(key, true);
-                return;
+            match conn.flush() {
+                // The linger deadline only ends a host that stopped reading.
+                Ok(true) if conn.state == ConnState::Established && conn.deadline.is_some() => {
+                    conn.deadline = Some(Instant::now() + linger);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(
+                        local_port = key.local_port,
+                        peer_port = key.peer_port,
+                        error = %e,
+                        "vsock: host stream write failed, connection reset"
+                    );
+                    self.kill(key, true);
+                    return;
+                }
             }
             if conn.host_hup && conn.wants_output() {
                 debug!(
@@ -1013,8 +1143,25 @@ impl Vsock {
             );
             self.kill(key, true);
         }
+        let expired: Vec<u32> = self
+            .draining
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(&tag, _)| tag)
+            .collect();
+        for tag in expired {
+            if let Some(conn) = self.draining.remove(&tag) {
+                debug!(
+                    local_port = conn.key.local_port,
+                    peer_port = conn.key.peer_port,
+                    "vsock: host did not take the guest's last data in time"
+                );
+                self.close_draining(conn);
+            }
+        }
         if !self.accept_retry
             && self.pending_hosts.is_empty()
+            && self.draining.is_empty()
             && self.conns.values().all(|c| c.deadline.is_none())
         {
             self.disarm_timer();
@@ -1169,13 +1316,19 @@ impl Vsock {
             if room == 0 {
                 // A buffer with no room past the header: tell the guest our credit.
                 (conn.header(guest_cid, Op::CreditUpdate, 0), 0)
-            } else if !conn.early.is_empty() {
-                let n = room.min(conn.early.len());
-                self.bounce[..n].copy_from_slice(&conn.early[..n]);
-                conn.early.drain(..n);
+            } else if !conn.staged.is_empty() {
+                let n = room.min(conn.staged.len());
+                let (front, back) = conn.staged.as_slices();
+                let from_front = n.min(front.len());
+                self.bounce[..from_front].copy_from_slice(&front[..from_front]);
+                self.bounce[from_front..n].copy_from_slice(&back[..n - from_front]);
+                conn.staged.drain(..n);
                 (conn.header(guest_cid, Op::Rw, 0), n)
             } else {
-                match conn.read_host(&mut self.bounce[..room]) {
+                // As much as the guest can take, not just this buffer's worth: the rest
+                // is staged for the next buffers (at most MAX_PAYLOAD == bounce.len()).
+                let ahead = (conn.peer_credit().min(MAX_PAYLOAD) as usize).max(room);
+                match conn.read_host(&mut self.bounce[..ahead]) {
                     Ok(0) => {
                         debug!(
                             local_port = key.local_port,
@@ -1189,7 +1342,12 @@ impl Vsock {
                             None => return Fill::Nothing,
                         }
                     }
-                    Ok(n) => (conn.header(guest_cid, Op::Rw, 0), n),
+                    Ok(n) => {
+                        if let Some(rest) = self.bounce.get(room..n) {
+                            conn.staged.extend(rest);
+                        }
+                        (conn.header(guest_cid, Op::Rw, 0), n.min(room))
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         conn.host_readable = false;
                         return Fill::Nothing;
@@ -1240,7 +1398,7 @@ impl Vsock {
                 list.push((p.stream.as_raw_fd(), tag, events));
             }
         }
-        for conn in self.conns.values() {
+        for conn in self.conns.values().chain(self.draining.values()) {
             if let Some(events) = conn.watched {
                 list.push((conn.stream.as_raw_fd(), conn.tag, events));
             }
@@ -1327,6 +1485,7 @@ impl VirtioDevice for Vsock {
             _ => match self.tags.get(&tag) {
                 Some(TagOwner::Pending) => self.pending_event(tag),
                 Some(&TagOwner::Conn(key)) => self.conn_event(key, events),
+                Some(TagOwner::Draining) => self.drain_event(tag, events),
                 // Stale: the fd was closed after the loop saw it ready.
                 None => {}
             },
@@ -1339,6 +1498,10 @@ impl VirtioDevice for Vsock {
         let count = keys.len();
         for key in keys {
             self.kill(key, false);
+        }
+        let draining: Vec<Connection> = self.draining.drain().map(|(_, c)| c).collect();
+        for conn in draining {
+            self.close_draining(conn);
         }
         // Host connections still owing their CONNECT line wait, unwatched, for the next
         // activation (the transport passes no events while the device is reset).

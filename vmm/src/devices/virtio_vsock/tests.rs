@@ -1371,6 +1371,156 @@ fn full_shutdown_with_a_stuck_host_lingers_then_resets() {
     assert_eq!(h.dev.connection_count(), 0);
 }
 
+/// Sends guest data until the device's credit is used up (the host reads nothing, so its
+/// stream fills and the rest waits in the device); returns the byte count.
+fn fill_guest_credit(h: &mut Harness, peer: &mut Peer, stream: u64) -> usize {
+    let mut sent = 0;
+    while peer.credit() > 0 {
+        let n = peer.credit().min(MAX_PAYLOAD) as usize;
+        let hdr = peer.hdr(Op::Rw);
+        h.send(hdr, &pattern_bytes(stream, sent as u64, n));
+        peer.sent += n as u32;
+        sent += n;
+        for (hdr, _) in h.drain() {
+            peer.learn(&hdr);
+        }
+    }
+    sent
+}
+
+/// Reads the host end `chunk` bytes at a time (pausing `pause` between reads and running
+/// the device's I/O loop) until EOF; everything read.
+fn read_slowly(h: &mut Harness, s: &mut UnixStream, chunk: usize, pause: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no EOF after {} bytes",
+            got.len()
+        );
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("host read after {} bytes: {e}", got.len()),
+        }
+        h.pump();
+        std::thread::sleep(pause);
+    }
+}
+
+/// Linux resets a connection it closed when the host side has not closed within 8 s (its
+/// close timeout). Data the guest sent before its SHUTDOWN may still be waiting for a
+/// slow host then: the host must still get all of it, then EOF, not an EOF in the middle
+/// that looks like the end of the stream.
+#[test]
+fn guest_rst_after_its_shutdown_still_delivers_the_data() {
+    let mut h = Harness::new();
+    let listener = h.listen(5000);
+    let (mut s, mut peer) = h.guest_connect(&listener, 1025, 5000);
+    let sent = fill_guest_credit(&mut h, &mut peer, 11);
+    assert!(!h.dev.conns[&key_of(&peer)].tx_buf.is_empty());
+    let shutdown = Header {
+        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+        ..peer.hdr(Op::Shutdown)
+    };
+    h.send(shutdown, &[]);
+    // The guest's close timeout fires before the host has read anything.
+    h.send(peer.hdr(Op::Rst), &[]);
+    // The connection is over for the guest: its ports are free and nothing answers.
+    assert_eq!(h.dev.connection_count(), 0);
+    assert!(h.drain().is_empty());
+    let got = read_slowly(&mut h, &mut s, 64 * 1024, Duration::ZERO);
+    assert_eq!(got.len(), sent);
+    assert!(got == pattern_bytes(11, 0, sent), "data differs");
+    assert!(h.dev.draining.is_empty());
+    assert!(h.dev.tags.is_empty());
+    assert!(h.ready().is_empty());
+}
+
+/// An RST without SHUTDOWN(SEND) first is an abort: the stream is closed at once.
+#[test]
+fn guest_rst_mid_stream_closes_at_once() {
+    let mut h = Harness::new();
+    let listener = h.listen(5000);
+    let (mut s, mut peer) = h.guest_connect(&listener, 1025, 5000);
+    let sent = fill_guest_credit(&mut h, &mut peer, 12);
+    h.send(peer.hdr(Op::Rst), &[]);
+    assert_eq!(h.dev.connection_count(), 0);
+    assert!(h.dev.draining.is_empty());
+    let got = read_slowly(&mut h, &mut s, 64 * 1024, Duration::ZERO);
+    assert!(got.len() < sent);
+    assert!(h.dev.tags.is_empty());
+}
+
+/// The linger deadline ends a host that stopped reading, not one that reads slowly: each
+/// time the host stream takes some of the guest's last data, the deadline moves, both
+/// while the connection lingers and after the guest's RST.
+#[test]
+fn slow_host_gets_the_guest_data_left_at_close() {
+    for rst in [false, true] {
+        let mut h = Harness::with_limits(Limits {
+            linger_timeout: Duration::from_secs(5),
+            ..DEFAULT_LIMITS
+        });
+        let listener = h.listen(5000);
+        let (mut s, mut peer) = h.guest_connect(&listener, 1025, 5000);
+        let sent = fill_guest_credit(&mut h, &mut peer, 13);
+        let shutdown = Header {
+            flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+            ..peer.hdr(Op::Shutdown)
+        };
+        h.send(shutdown, &[]);
+        if rst {
+            h.send(peer.hdr(Op::Rst), &[]);
+        }
+        let deadline = |h: &Harness| {
+            h.dev
+                .conns
+                .values()
+                .chain(h.dev.draining.values())
+                .next()
+                .and_then(|c| c.deadline)
+                .expect("a deadline")
+        };
+        let first = deadline(&h);
+        std::thread::sleep(Duration::from_millis(20));
+        // The host empties its stream once: the device writes more and moves the deadline.
+        let mut got = read_available(&mut s).unwrap();
+        h.pump();
+        assert!(deadline(&h) > first, "rst={rst}: deadline did not move");
+        got.extend(read_slowly(&mut h, &mut s, 64 * 1024, Duration::ZERO));
+        assert_eq!(got.len(), sent, "rst={rst}");
+        assert!(got == pattern_bytes(13, 0, sent), "data differs");
+        assert_eq!(h.dev.connection_count(), 0);
+        assert!(h.dev.draining.is_empty());
+    }
+}
+
+/// Draining connections count against the connection limit (each holds guest data).
+#[test]
+fn draining_connections_count_against_the_limit() {
+    let mut h = Harness::with_limits(Limits {
+        max_connections: 1,
+        ..DEFAULT_LIMITS
+    });
+    let listener = h.listen(5000);
+    let (_s, mut peer) = h.guest_connect(&listener, 1025, 5000);
+    fill_guest_credit(&mut h, &mut peer, 14);
+    let shutdown = Header {
+        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+        ..peer.hdr(Op::Shutdown)
+    };
+    h.send(shutdown, &[]);
+    h.send(peer.hdr(Op::Rst), &[]);
+    assert_eq!(h.dev.draining.len(), 1);
+    let mut other = Peer::new(1026, 5000);
+    h.send(other.hdr(Op::Request), &[]);
+    assert_eq!(ops(&h.drain()), vec![Op::Rst]);
+}
+
 #[test]
 fn host_half_close_gives_guest_shutdown_send() {
     let mut h = Harness::new();
