@@ -14,8 +14,10 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 # /tmp, /var/tmp and /root become writable without hiding the host's files (the
 # repository or a CI clone may live under /tmp): an overlay whose upper layer is tmpfs.
-# Writes stay inside the lab.
-for d in /tmp /var/tmp /root; do
+# Writes stay inside the lab. /var/lib too: CNI keeps its result cache in /var/lib/cni
+# (containerd cannot move it) and the cocoon runtime its image-disk cache in
+# /var/lib/cocoon (CRI tests, integration/tests/cri.rs).
+for d in /tmp /var/tmp /root /var/lib; do
   s=/run/lab/scratch$(echo "$d" | tr / _)
   mkdir -p "$s/upper" "$s/work"
   mount -t overlay overlay -o "lowerdir=$d,upperdir=$s/upper,workdir=$s/work" "$d" ||

@@ -46,6 +46,8 @@ pub enum ContainerdError {
     },
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    #[error("a private containerd needs root (mounts, network namespaces, cgroups)")]
+    NotRoot,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerdError {
@@ -154,12 +156,28 @@ pub struct Containerd {
     pub stream_port: u16,
     child: Option<Child>,
     netns_before: BTreeSet<String>,
+    /// Host directories containerd and CNI create on first use outside our directory,
+    /// which did not exist before: removed at cleanup if empty.
+    host_dirs_created: Vec<PathBuf>,
 }
+
+/// Directories outside the private one that containerd 1.6 or libcni create when needed
+/// (deepest first).
+const HOST_DIRS: [&str; 4] = [
+    "/run/containerd/s",
+    "/run/containerd",
+    "/var/lib/cni/results",
+    "/var/lib/cni",
+];
 
 impl Containerd {
     /// Writes the config and CNI network, starts containerd, waits for its socket and
     /// imports the busybox image.
     pub fn start(opts: Options) -> Result<Self, ContainerdError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ContainerdError::NotRoot);
+        }
         std::fs::create_dir_all(&opts.base_parent)
             .map_err(io(format!("create {}", opts.base_parent.display())))?;
         let base = tempfile::Builder::new()
@@ -187,6 +205,11 @@ impl Containerd {
             opts,
             child: None,
             netns_before: residue::netns_names(),
+            host_dirs_created: HOST_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .filter(|d| !d.exists())
+                .collect(),
         };
         for d in [
             &c.root,
@@ -327,8 +350,9 @@ disabled_plugins = [
         let log2 = log.try_clone().map_err(io("dup the containerd log"))?;
         let mut path = std::env::join_paths(&self.opts.shim_dirs)
             .map_err(|e| io("join shim dirs for PATH")(std::io::Error::other(e)))?;
-        let rest = std::env::var_os("PATH")
-            .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let rest = std::env::var_os("PATH").unwrap_or_else(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        });
         if !path.is_empty() {
             path.push(":");
         }
@@ -341,7 +365,10 @@ disabled_plugins = [
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(io(format!("start {}", self.opts.containerd.display())))?;
+            .map_err(io(format!(
+                "start {} (Debian's containerd: scripts/install-deps.sh)",
+                self.opts.containerd.display()
+            )))?;
         self.child = Some(child);
         self.wait_ready()
     }
@@ -486,11 +513,7 @@ disabled_plugins = [
             return vec![root.join(rel)];
         }
         std::fs::read_dir(root)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path().join(rel))
-                    .collect::<Vec<_>>()
-            })
+            .map(|d| d.flatten().map(|e| e.path().join(rel)).collect::<Vec<_>>())
             .unwrap_or_default()
     }
 
@@ -556,6 +579,10 @@ disabled_plugins = [
             remove_cgroup_tree(&d);
         }
         let _ = std::fs::remove_dir_all(&self.base);
+        for d in &self.host_dirs_created {
+            // Only if empty: something else may have put files there meanwhile.
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 

@@ -305,7 +305,12 @@ impl Cri {
     }
 
     /// ExecSync with a timeout in seconds.
-    pub fn exec_sync(&mut self, id: &str, cmd: &[&str], timeout_s: i64) -> Result<ExecSyncResponse> {
+    pub fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<ExecSyncResponse> {
         let req = ExecSyncRequest {
             container_id: id.to_string(),
             cmd: cmd.iter().map(|s| s.to_string()).collect(),

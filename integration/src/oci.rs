@@ -217,8 +217,13 @@ pub struct SpecBuilder {
     root_readonly: bool,
     pod: PodNamespaces,
     memory_limit: Option<u64>,
+    pids_limit: Option<i64>,
     cgroups_path: Option<String>,
     nofile: u64,
+    cgroup_ns: bool,
+    host_network: bool,
+    host_pid: bool,
+    extra_caps: Vec<String>,
 }
 
 impl SpecBuilder {
@@ -234,8 +239,13 @@ impl SpecBuilder {
             root_readonly: false,
             pod: PodNamespaces::default(),
             memory_limit: None,
+            pids_limit: None,
             cgroups_path: None,
             nofile: 1024,
+            cgroup_ns: false,
+            host_network: false,
+            host_pid: false,
+            extra_caps: Vec::new(),
         }
     }
 
@@ -272,14 +282,47 @@ impl SpecBuilder {
         self
     }
 
+    /// `linux.resources.pids.limit`.
+    pub fn pids_limit(mut self, limit: i64) -> Self {
+        self.pids_limit = Some(limit);
+        self
+    }
+
     pub fn cgroups_path(mut self, path: &str) -> Self {
         self.cgroups_path = Some(path.to_string());
         self
     }
 
+    /// A cgroup namespace of its own (containerd's CRI does this on cgroup v2 hosts):
+    /// inside, `/sys/fs/cgroup` is the container's own cgroup.
+    pub fn cgroup_namespace(mut self, on: bool) -> Self {
+        self.cgroup_ns = on;
+        self
+    }
+
+    /// No network namespace entry: the container shares the network namespace of the
+    /// runtime (in the guest: the agent's), as a `hostNetwork` pod would.
+    pub fn host_network(mut self, on: bool) -> Self {
+        self.host_network = on;
+        self
+    }
+
+    /// No PID namespace entry: the container sees the runtime's processes (`hostPID`).
+    pub fn host_pid(mut self, on: bool) -> Self {
+        self.host_pid = on;
+        self
+    }
+
+    /// A capability beyond containerd's defaults (`CAP_...`), in every set.
+    pub fn capability(mut self, cap: &str) -> Self {
+        self.extra_caps.push(cap.to_string());
+        self
+    }
+
     /// The OCI `process` object (also what ExecProcess takes).
     pub fn process(&self) -> Value {
-        let caps = DEFAULT_CAPS.to_vec();
+        let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+        caps.extend(self.extra_caps.iter().cloned());
         json!({
             "terminal": self.terminal,
             "user": {"uid": 0, "gid": 0, "additionalGids": [0]},
@@ -309,19 +352,31 @@ impl SpecBuilder {
                 json!({"type": kind, "path": path})
             }
         };
-        json!([
-            ns("pid", &self.pod.pid),
+        let mut all = Vec::new();
+        if !self.host_pid {
+            all.push(ns("pid", &self.pod.pid));
+        }
+        all.extend([
             ns("ipc", &self.pod.ipc),
             ns("uts", &self.pod.uts),
             ns("mount", ""),
-            ns("network", &self.pod.net),
-        ])
+        ]);
+        if !self.host_network {
+            all.push(ns("network", &self.pod.net));
+        }
+        if self.cgroup_ns {
+            all.push(ns("cgroup", ""));
+        }
+        Value::Array(all)
     }
 
     pub fn build(&self) -> Value {
         let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
         if let Some(limit) = self.memory_limit {
             resources["memory"] = json!({"limit": limit});
+        }
+        if let Some(limit) = self.pids_limit {
+            resources["pids"] = json!({"limit": limit});
         }
         let mut linux = json!({
             "resources": resources,
@@ -398,6 +453,36 @@ mod tests {
         let round: Value =
             serde_json::from_slice(&SpecBuilder::new(&["true"]).to_json()).expect("valid JSON");
         assert!(round["linux"]["resources"].get("memory").is_none());
+        assert!(round["linux"]["resources"].get("pids").is_none());
+        let types = |spec: &Value| -> Vec<String> {
+            spec["linux"]["namespaces"]
+                .as_array()
+                .expect("namespaces array")
+                .iter()
+                .map(|n| n["type"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(
+            types(&round),
+            ["pid", "ipc", "uts", "mount", "network"].map(String::from)
+        );
+        let host = SpecBuilder::new(&["true"])
+            .host_network(true)
+            .host_pid(true)
+            .cgroup_namespace(true)
+            .pids_limit(32)
+            .capability("CAP_SYS_PTRACE")
+            .build();
+        assert_eq!(
+            types(&host),
+            ["ipc", "uts", "mount", "cgroup"].map(String::from)
+        );
+        assert_eq!(host["linux"]["resources"]["pids"]["limit"], 32);
+        let caps = host["process"]["capabilities"]["effective"]
+            .as_array()
+            .expect("caps");
+        assert_eq!(caps.len(), DEFAULT_CAPS.len() + 1);
+        assert_eq!(caps.last(), Some(&json!("CAP_SYS_PTRACE")));
     }
 
     #[test]
@@ -440,6 +525,16 @@ pub mod pod_vm {
         pub vcpus: u32,
     }
 
+    /// A virtio-net device for the pod VM: a TAP (opened or created by `cocoon-vmm`),
+    /// optionally in a network namespace the VMM is started in (`ip netns exec`).
+    #[derive(Debug, Clone)]
+    pub struct PodVmNet {
+        pub netns: Option<String>,
+        pub tap: String,
+        /// `aa:bb:cc:dd:ee:ff`, the guest NIC's address.
+        pub mac: String,
+    }
+
     impl Default for PodVmConfig {
         fn default() -> Self {
             PodVmConfig {
@@ -471,6 +566,11 @@ pub mod pod_vm {
     impl PodVm {
         /// Boots the VM, waits for the agent's ready report and says hello.
         pub fn boot(cfg: &PodVmConfig) -> Result<PodVm, String> {
+            Self::boot_with_net(cfg, None)
+        }
+
+        /// [`PodVm::boot`] with a network device (`--net tap=..,mac=..`).
+        pub fn boot_with_net(cfg: &PodVmConfig, net: Option<&PodVmNet>) -> Result<PodVm, String> {
             need_file(&paths::guest_vmlinux(), "run `make guest`")?;
             need_file(&paths::guest_initramfs(), "run `make guest`")?;
             need_file(&vmm::vmm_binary(), "run `cargo build -p cocoon-vmm`")?;
@@ -503,7 +603,14 @@ pub mod pod_vm {
             for _ in 0..cfg.writable_slots {
                 args.extend(["--drive".into(), "empty".into()]);
             }
-            let vm = vmm::start(&args).map_err(|e| format!("start cocoon-vmm: {e}"))?;
+            if let Some(n) = net {
+                args.extend(["--net".into(), format!("tap={},mac={}", n.tap, n.mac)]);
+            }
+            let vm = match net.and_then(|n| n.netns.as_deref()) {
+                Some(ns) => vmm::start_in(&["ip", "netns", "exec", ns], &args)
+                    .map_err(|e| format!("start cocoon-vmm in network namespace {ns}: {e}"))?,
+                None => vmm::start(&args).map_err(|e| format!("start cocoon-vmm: {e}"))?,
+            };
             let ready_line = match ready.wait(BOOT_TIMEOUT) {
                 Ok(r) => r,
                 Err(e) => {

@@ -176,7 +176,10 @@ fn network_state() -> BTreeSet<String> {
         // Filters are per device and parent: those on ingress qdiscs, where a
         // TAP<->veth redirect hangs.
         for dev in ingress_devices(ns) {
-            for l in run_lines("tc", &in_ns(ns, &["filter", "show", "dev", &dev, "ingress"])) {
+            for l in run_lines(
+                "tc",
+                &in_ns(ns, &["filter", "show", "dev", &dev, "ingress"]),
+            ) {
                 out.insert(format!("{label}: tc filter {dev} {}", l.trim()));
             }
         }

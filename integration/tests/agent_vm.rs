@@ -6,32 +6,89 @@
 //! One VM serves every check (booted on first use; trials run one at a time in the lab):
 //! each check uses its own container and writable disk. On hosts without a KVM that boots
 //! stock Linux, the harness reruns this binary inside one test-lab boot.
+//!
+//! The VM has a NIC: a TAP in a throwaway network namespace (`netns::NetLab`), with a
+//! busybox httpd as the peer in the lab's second namespace. Only the network check
+//! configures it; the others run with it unconfigured (and fail only that check when the
+//! network lab cannot be made).
 
 use cocoon_agent_protocol::api::event::Kind;
+use cocoon_agent_protocol::api::{Interface, Route};
 use cocoon_agent_protocol::stdio::{StdioHeader, Stream};
 use cocoon_agent_protocol::PROTOCOL_VERSION;
-use cocoon_integration::oci::pod_vm::{PodVm, PodVmConfig};
+use cocoon_integration::netns::{self, NetLab};
+use cocoon_integration::oci::pod_vm::{PodVm, PodVmConfig, PodVmNet};
 use cocoon_integration::oci::{busybox_image, writable_disk, PodNamespaces, SpecBuilder};
 use cocoon_integration::testguest::ext4_cat;
-use cocoon_runtime::agent::{Rootfs, SetupSandboxRequest, Stdio};
+use cocoon_runtime::agent::{Rootfs, SetupNetworkRequest, SetupSandboxRequest, Stdio};
 use libtest_mimic::{Failed, Trial};
-use std::io::Read;
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 const IMAGE_MOUNT: &str = "/run/pod/image";
 const HOSTNAME: &str = "agent-vm-test";
-/// Writable slots: one per check that needs a container.
-const WRITABLE_SLOTS: usize = 5;
+/// Writable slots: one per container the checks create (at most 18 with the image's).
+const WRITABLE_SLOTS: usize = 14;
 /// Output and waits in the nested, emulated guest.
 const WAIT: Duration = Duration::from_secs(60);
+/// The guest NIC's MAC.
+const NET_MAC: &str = "02:00:00:00:a9:01";
+/// The peer's HTTP port (busybox httpd in namespace B) and the file it serves.
+const PEER_PORT: u16 = 8080;
+const PEER_TOKEN: &str = "peer-token-7f3a";
+/// The privileged helper container in the agent's network and PID namespaces.
+const HOST_CTR: &str = "hostns";
 
-/// The shared pod: the VM, the pod's namespaces, the next free writable slot.
+/// The network lab of the pod: namespaces, TAP, and the peer's HTTP server.
+struct NetPod {
+    peer: std::process::Child,
+    lab: NetLab,
+    _www: tempfile::TempDir,
+}
+
+impl Drop for NetPod {
+    fn drop(&mut self) {
+        // Our own child, by handle; the namespaces go when `lab` drops after this.
+        let _ = self.peer.kill();
+        let _ = self.peer.wait();
+    }
+}
+
+fn start_net() -> Result<NetPod, String> {
+    let lab = NetLab::new(&format!("avm{}", std::process::id()))
+        .map_err(|e| format!("network namespaces: {e}"))?;
+    let www = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    std::fs::write(www.path().join("token"), PEER_TOKEN).map_err(|e| format!("token: {e}"))?;
+    let www_dir = www.path().display().to_string();
+    let listen = format!("{}:{PEER_PORT}", netns::PEER_IP);
+    let peer = lab
+        .command(
+            &lab.b,
+            &["/bin/busybox", "httpd", "-f", "-p", &listen, "-h", &www_dir],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start busybox httpd in {}: {e}", lab.b))?;
+    Ok(NetPod {
+        peer,
+        lab,
+        _www: www,
+    })
+}
+
+/// The shared pod: the VM, the pod's namespaces, the next free writable slot. Fields drop
+/// in order: the VM before its network lab.
 struct Pod {
     vm: PodVm,
     ns: PodNamespaces,
     next_slot: usize,
+    net: Result<NetPod, String>,
+    host_ctr: bool,
 }
 
 static POD: Mutex<Option<Result<Pod, String>>> = Mutex::new(None);
@@ -53,6 +110,23 @@ fn main() -> ExitCode {
             tty_resize_seen_by_process,
         ),
         Trial::test("agent_vm_memory_limit_oom_kills", memory_limit_oom_kills),
+        Trial::test(
+            "agent_vm_stdin_eof_and_close_stdin",
+            stdin_eof_and_close_stdin,
+        ),
+        Trial::test(
+            "agent_vm_stderr_is_its_own_stream",
+            stderr_is_its_own_stream,
+        ),
+        Trial::test("agent_vm_tty_init_process", tty_init_process),
+        Trial::test("agent_vm_stats_from_cgroup_v2", stats_from_cgroup_v2),
+        Trial::test(
+            "agent_vm_update_limits_seen_inside",
+            update_limits_seen_inside,
+        ),
+        Trial::test("agent_vm_pause_freezes_resume_continues", pause_and_resume),
+        Trial::test("agent_vm_root_is_pivoted_overlay", root_is_pivoted_overlay),
+        Trial::test("agent_vm_setup_network_pod_netns", setup_network_pod_netns),
         Trial::test("agent_vm_shutdown_powers_off", shutdown_powers_off),
     ]);
     // A run filtered to some trials leaves the VM up: end it (killed on drop).
@@ -63,11 +137,23 @@ fn main() -> ExitCode {
 
 /// Boots the pod: VM, Hello, the busybox EROFS image in slot 0, SetupSandbox.
 fn boot_pod() -> Result<Pod, String> {
-    let vm = PodVm::boot(&PodVmConfig {
-        writable_slots: WRITABLE_SLOTS,
-        memory_mib: 512,
-        vcpus: 2,
-    })?;
+    let net = start_net();
+    if let Err(e) = &net {
+        eprintln!("agent_vm: no network lab, the network check will fail: {e}");
+    }
+    let vm_net = net.as_ref().ok().map(|n| PodVmNet {
+        netns: Some(n.lab.a.clone()),
+        tap: netns::TAP.into(),
+        mac: NET_MAC.into(),
+    });
+    let vm = PodVm::boot_with_net(
+        &PodVmConfig {
+            writable_slots: WRITABLE_SLOTS,
+            memory_mib: 512,
+            vcpus: 2,
+        },
+        vm_net.as_ref(),
+    )?;
     let (_, image) = busybox_image(vm.dir()).map_err(|e| format!("busybox image: {e}"))?;
     let fail = |what: String| format!("{what}\n{}", vm.transcript());
     vm.add_disk(0, &image, "erofs", true, "image0", IMAGE_MOUNT)
@@ -88,6 +174,8 @@ fn boot_pod() -> Result<Pod, String> {
         vm,
         ns,
         next_slot: 1,
+        net,
+        host_ctr: false,
     })
 }
 
@@ -139,13 +227,25 @@ impl Pod {
         stdio: Stdio,
         before_start: impl FnOnce(&Pod) -> Result<(), Failed>,
     ) -> Result<(std::path::PathBuf, String), Failed> {
+        let spec = spec.pod(self.ns.clone());
+        self.run_spec(id, spec, stdio, before_start)
+    }
+
+    /// [`Pod::run`] with the spec's namespaces as they are (not the pod's).
+    fn run_spec(
+        &mut self,
+        id: &str,
+        spec: SpecBuilder,
+        stdio: Stdio,
+        before_start: impl FnOnce(&Pod) -> Result<(), Failed>,
+    ) -> Result<(std::path::PathBuf, String), Failed> {
         let (file, mount) = self.writable(id)?;
         let rootfs = Rootfs {
             image_mount: IMAGE_MOUNT.into(),
             writable_mount: mount.clone(),
             ..Default::default()
         };
-        let spec = spec.pod(self.ns.clone()).to_json();
+        let spec = spec.to_json();
         self.vm
             .client
             .create_container(id, &spec, Some(rootfs), stdio)
@@ -158,35 +258,75 @@ impl Pod {
         Ok((file, mount))
     }
 
-    fn stdout(&self, id: &str, exec: &str) -> Result<std::os::unix::net::UnixStream, Failed> {
+    fn stdout(&self, id: &str, exec: &str) -> Result<UnixStream, Failed> {
+        self.open(id, exec, Stream::Stdout)
+    }
+
+    /// One stdio stream of `id`/`exec`, reads bounded by [`WAIT`].
+    fn open(&self, id: &str, exec: &str, stream: Stream) -> Result<UnixStream, Failed> {
         let header = StdioHeader {
             container_id: id.into(),
             exec_id: exec.into(),
-            stream: Stream::Stdout,
+            stream,
         };
         let s = self
             .vm
             .client
             .open_stdio(&header)
-            .map_err(|e| self.fail(format!("open stdout of {id}/{exec}: {e}")))?;
+            .map_err(|e| self.fail(format!("open {stream:?} of {id}/{exec}: {e}")))?;
         s.set_read_timeout(Some(WAIT))
             .map_err(|e| format!("stream timeout: {e}"))?;
         Ok(s)
     }
 
-    fn read_all(
+    /// Runs `process` in container `id` as exec `exec` with stdout only; its output and
+    /// exit status.
+    fn exec_out(
         &self,
-        mut s: std::os::unix::net::UnixStream,
-        what: &str,
-    ) -> Result<String, Failed> {
-        let mut out = Vec::new();
-        match s.read_to_end(&mut out) {
-            Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
-            Err(e) => Err(self.fail(format!(
-                "reading {what}: {e} (so far: {:?})",
-                String::from_utf8_lossy(&out)
-            ))),
+        id: &str,
+        exec: &str,
+        process: &SpecBuilder,
+    ) -> Result<(String, i32), Failed> {
+        self.vm
+            .client
+            .exec_process(id, exec, &process.process_json(), stdout_only())
+            .map_err(|e| self.fail(format!("ExecProcess {id}/{exec}: {e}")))?;
+        let out = self.stdout(id, exec)?;
+        let text = self.read_all(out, &format!("stdout of {id}/{exec}"))?;
+        let wait = self.wait(id, exec)?;
+        Ok((text, wait.exit_status))
+    }
+
+    fn remove(&self, id: &str) -> Result<(), Failed> {
+        self.vm
+            .client
+            .remove_container(id)
+            .map_err(|e| self.fail(format!("RemoveContainer {id}: {e}")))
+    }
+
+    /// A sleeping container in the agent's own network and PID namespaces, with
+    /// CAP_SYS_PTRACE (to read the agent's /proc/1 files): created on first use.
+    fn host_container(&mut self) -> Result<&'static str, Failed> {
+        if !self.host_ctr {
+            let spec = SpecBuilder::new(&["sleep", "100000"])
+                .pod(PodNamespaces {
+                    ipc: self.ns.ipc.clone(),
+                    uts: self.ns.uts.clone(),
+                    ..Default::default()
+                })
+                .host_network(true)
+                .host_pid(true)
+                .capability("CAP_SYS_PTRACE");
+            self.run_spec(HOST_CTR, spec, Stdio::default(), |_| Ok(()))?;
+            self.host_ctr = true;
         }
+        Ok(HOST_CTR)
+    }
+
+    fn read_all(&self, s: UnixStream, what: &str) -> Result<String, Failed> {
+        read_to_end(s)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| self.fail(format!("reading {what}: {e}")))
     }
 
     fn wait(
@@ -218,6 +358,35 @@ impl Pod {
             }
         }
         Ok(false)
+    }
+}
+
+/// Reads a stream to EOF; the error says how much came before it failed.
+fn read_to_end(mut s: UnixStream) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => Ok(out),
+        Err(e) => {
+            let head = String::from_utf8_lossy(&out[..out.len().min(200)]).into_owned();
+            Err(format!(
+                "{e} after {} bytes (no EOF; start: {head:?})",
+                out.len()
+            ))
+        }
+    }
+}
+
+/// Where two byte strings first differ, for messages about long outputs.
+fn first_difference(got: &[u8], want: &[u8]) -> String {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!(
+            "first difference at byte {i} (got {:#04x}, want {:#04x}); got {} bytes, want {}",
+            got[i],
+            want[i],
+            got.len(),
+            want.len()
+        ),
+        None => format!("got {} bytes, want {}", got.len(), want.len()),
     }
 }
 
@@ -492,4 +661,689 @@ fn shutdown_powers_off() -> Result<(), Failed> {
         )
         .into())
     }
+}
+
+/// Stdin, both ways of ending it: a `cat` exec whose stdin stream the host half-closes
+/// (shutdown(SHUT_WR)) after 256 KiB, which must echo every byte and exit 0; and one
+/// whose stdin is never attached, ended by CloseStdin.
+fn stdin_eof_and_close_stdin() -> Result<(), Failed> {
+    with_pod(|pod| {
+        sleeper(pod, "stdio")?;
+        let both = Stdio {
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        };
+        let cat = SpecBuilder::new(&["cat"]).process_json();
+        pod.vm
+            .client
+            .exec_process("stdio", "cat1", &cat, both.clone())
+            .map_err(|e| pod.fail(format!("ExecProcess cat1 with stdin: {e}")))?;
+        // More than a pipe holds, so the copy has to flow while we read.
+        let input: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut stdin = pod.open("stdio", "cat1", Stream::Stdin)?;
+        let out = pod.stdout("stdio", "cat1")?;
+        let sent = input.clone();
+        let writer = std::thread::spawn(move || -> Result<UnixStream, String> {
+            stdin
+                .write_all(&sent)
+                .map_err(|e| format!("write stdin: {e}"))?;
+            stdin
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown(SHUT_WR) of stdin: {e}"))?;
+            Ok(stdin)
+        });
+        let got = read_to_end(out).map_err(|e| {
+            pod.fail(format!(
+                "cat1 stdout: {e}: did cat see EOF after the host shut down its stdin?"
+            ))
+        })?;
+        let _stdin = writer
+            .join()
+            .map_err(|_| "stdin writer panicked")?
+            .map_err(|e| pod.fail(e))?;
+        pod.check(
+            got == input,
+            format!(
+                "cat1 echoed something else than its stdin: {}",
+                first_difference(&got, &input)
+            ),
+        )?;
+        let wait = pod.wait("stdio", "cat1")?;
+        pod.check(
+            wait.exit_status == 0,
+            format!(
+                "cat1 exit status {} after stdin EOF (want 0)",
+                wait.exit_status
+            ),
+        )?;
+
+        // Stdin requested but never attached: CloseStdin alone must give EOF.
+        let cat = SpecBuilder::new(&["sh", "-c", "cat; echo cat2-saw-eof"]).process_json();
+        pod.vm
+            .client
+            .exec_process("stdio", "cat2", &cat, both)
+            .map_err(|e| pod.fail(format!("ExecProcess cat2 with stdin: {e}")))?;
+        let out = pod.stdout("stdio", "cat2")?;
+        pod.vm
+            .client
+            .close_stdin("stdio", "cat2")
+            .map_err(|e| pod.fail(format!("CloseStdin cat2: {e}")))?;
+        let text = pod.read_all(out, "cat2 stdout (EOF expected from CloseStdin)")?;
+        pod.check(
+            text == "cat2-saw-eof\n",
+            format!("cat2 output {text:?} (want only the line after cat's EOF)"),
+        )?;
+        let wait = pod.wait("stdio", "cat2")?;
+        pod.check(
+            wait.exit_status == 0,
+            format!("cat2 exit status {} (want 0)", wait.exit_status),
+        )?;
+        // A closed stdin cannot be attached any more.
+        let header = StdioHeader {
+            container_id: "stdio".into(),
+            exec_id: "cat2".into(),
+            stream: Stream::Stdin,
+        };
+        match pod.vm.client.open_stdio(&header) {
+            Err(e) if e.to_string().contains("closed") => Ok(()),
+            Err(e) => Err(pod.fail(format!(
+                "attaching cat2's closed stdin failed, but not for being closed: {e}"
+            ))),
+            Ok(_) => Err(pod.fail("cat2's stdin could be attached after CloseStdin")),
+        }
+    })
+}
+
+/// Stdout and stderr as separate streams, each more than a pipe holds, read at the same
+/// time: each carries its own bytes, none of the other's.
+fn stderr_is_its_own_stream() -> Result<(), Failed> {
+    with_pod(|pod| {
+        if lookup_missing(pod, "stdio") {
+            sleeper(pod, "stdio")?;
+        }
+        let process = SpecBuilder::new(&[
+            "sh",
+            "-c",
+            "echo to-stdout; echo to-stderr >&2; head -c 200000 /dev/zero | tr '\\0' o; \
+             head -c 150000 /dev/zero | tr '\\0' e >&2; exit 5",
+        ])
+        .process_json();
+        let stdio = Stdio {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        pod.vm
+            .client
+            .exec_process("stdio", "both", &process, stdio)
+            .map_err(|e| pod.fail(format!("ExecProcess with stdout and stderr: {e}")))?;
+        let out = pod.stdout("stdio", "both")?;
+        let err = pod.open("stdio", "both", Stream::Stderr)?;
+        let err_reader = std::thread::spawn(move || read_to_end(err));
+        let out = read_to_end(out).map_err(|e| pod.fail(format!("stdout: {e}")))?;
+        let err = err_reader
+            .join()
+            .map_err(|_| "stderr reader panicked")?
+            .map_err(|e| pod.fail(format!("stderr: {e}")))?;
+        let want_out = [&b"to-stdout\n"[..], &[b'o'; 200_000]].concat();
+        let want_err = [&b"to-stderr\n"[..], &[b'e'; 150_000]].concat();
+        pod.check(
+            out == want_out,
+            format!("stdout stream: {}", first_difference(&out, &want_out)),
+        )?;
+        pod.check(
+            err == want_err,
+            format!("stderr stream: {}", first_difference(&err, &want_err)),
+        )?;
+        let wait = pod.wait("stdio", "both")?;
+        pod.check(
+            wait.exit_status == 5,
+            format!("exit status {} (want 5)", wait.exit_status),
+        )
+    })
+}
+
+/// Whether container `id` is unknown to the agent (a check run alone creates it).
+fn lookup_missing(pod: &Pod, id: &str) -> bool {
+    pod.vm.client.list_processes(id).is_err()
+}
+
+/// A container whose init (not an exec) has a terminal: input through the pty, output
+/// with CRLF through the stdout stream, and its exit status.
+fn tty_init_process() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let spec = SpecBuilder::new(&[
+            "sh",
+            "-c",
+            "read line; echo \"got=$line\"; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo all-tty; \
+             echo tty=$(tty); exit 3",
+        ])
+        .terminal(true);
+        let stdio = Stdio {
+            terminal: true,
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        };
+        let mut streams = None;
+        pod.run("ttyinit", spec, stdio, |p| {
+            streams = Some((
+                p.stdout("ttyinit", "")?,
+                p.open("ttyinit", "", Stream::Stdin)?,
+            ));
+            Ok(())
+        })?;
+        let (out, mut stdin) = streams.ok_or("no streams")?;
+        stdin
+            .write_all(b"ping-tty\n")
+            .map_err(|e| pod.fail(format!("write to the terminal: {e}")))?;
+        let text = pod.read_all(out, "terminal init output")?;
+        drop(stdin);
+        for want in ["got=ping-tty", "all-tty", "tty=/dev/pts/"] {
+            pod.check(
+                text.contains(want),
+                format!("terminal init output lacks {want:?}: {text:?}"),
+            )?;
+        }
+        pod.check(
+            text.contains("\r\n"),
+            format!("output did not go through a terminal (no CRLF): {text:?}"),
+        )?;
+        let wait = pod.wait("ttyinit", "")?;
+        pod.check(
+            wait.exit_status == 3,
+            format!("terminal init exit status {} (want 3)", wait.exit_status),
+        )?;
+        pod.remove("ttyinit")
+    })
+}
+
+/// Reads `stream` line by line until a line starts with `prefix`; returns that line and
+/// keeps the stream open (the process may still write).
+fn read_until_line(
+    pod: &Pod,
+    stream: &mut std::io::BufReader<UnixStream>,
+    prefix: &str,
+    what: &str,
+) -> Result<String, Failed> {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        match stream.read_line(&mut line) {
+            Ok(0) => {
+                return Err(pod.fail(format!(
+                    "{what}: EOF before a line starting {prefix:?}; output: {seen:?}"
+                )))
+            }
+            Ok(_) if line.starts_with(prefix) => return Ok(line.trim_end().to_string()),
+            Ok(_) => seen.push_str(&line),
+            Err(e) => {
+                return Err(pod.fail(format!(
+                    "{what}: {e} before a line starting {prefix:?}; output: {seen:?}"
+                )))
+            }
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// StatsContainer on the guest's cgroup v2: a container that holds 8 MiB and counted a
+/// little: usage, its limits, CPU time, processes.
+fn stats_from_cgroup_v2() -> Result<(), Failed> {
+    with_pod(|pod| {
+        // The shell keeps the 8 MiB string while sleep runs (the trailing echo stops it
+        // from exec'ing sleep in its place).
+        let spec = SpecBuilder::new(&[
+            "sh",
+            "-c",
+            "x=$(head -c 8388608 /dev/zero | tr '\\0' a); i=0; \
+             while [ $i -lt 3000 ]; do i=$((i+1)); done; echo ready ${#x}; sleep 100000; echo $i",
+        ])
+        .memory_limit(64 * MIB)
+        .pids_limit(40);
+        let mut out = None;
+        pod.run("stats", spec, stdout_only(), |p| {
+            out = Some(p.stdout("stats", "")?);
+            Ok(())
+        })?;
+        let mut out = std::io::BufReader::new(out.ok_or("no stdout stream")?);
+        let line = read_until_line(pod, &mut out, "ready", "stats container")?;
+        pod.check(
+            line == "ready 8388608",
+            format!("the container did not build its 8 MiB string: {line:?}"),
+        )?;
+        let s = pod
+            .vm
+            .client
+            .stats_container("stats")
+            .map_err(|e| pod.fail(format!("StatsContainer: {e}")))?;
+        let facts = format!("{s:?}");
+        pod.check(
+            s.memory_usage_bytes >= 8 * MIB,
+            format!(
+                "memory_usage_bytes {} < the 8 MiB the shell holds: {facts}",
+                s.memory_usage_bytes
+            ),
+        )?;
+        pod.check(
+            s.memory_limit_bytes == 64 * MIB,
+            format!(
+                "memory_limit_bytes {} (want the spec's 64 MiB): {facts}",
+                s.memory_limit_bytes
+            ),
+        )?;
+        pod.check(
+            s.memory_working_set_bytes > 0 && s.memory_working_set_bytes <= s.memory_usage_bytes,
+            format!(
+                "memory_working_set_bytes {} not in (0, usage]: {facts}",
+                s.memory_working_set_bytes
+            ),
+        )?;
+        pod.check(
+            s.cpu_usage_usec > 0 && s.cpu_usage_usec >= s.cpu_user_usec,
+            format!(
+                "cpu_usage_usec {} after a busy loop: {facts}",
+                s.cpu_usage_usec
+            ),
+        )?;
+        pod.check(
+            s.pids_current >= 2,
+            format!(
+                "pids_current {} (want sh and sleep, 2): {facts}",
+                s.pids_current
+            ),
+        )?;
+        pod.check(
+            s.pids_limit == 40,
+            format!("pids_limit {} (want the spec's 40): {facts}", s.pids_limit),
+        )?;
+        pod.check(s.timestamp_ns > 0, format!("no timestamp: {facts}"))?;
+        pod.remove("stats")
+    })
+}
+
+/// The container's limits as it sees them in its own cgroup namespace.
+fn limits_inside(pod: &Pod, id: &str, exec: &str) -> Result<String, Failed> {
+    let process = SpecBuilder::new(&[
+        "sh",
+        "-c",
+        "echo $(cat /sys/fs/cgroup/memory.max) $(cat /sys/fs/cgroup/pids.max)",
+    ]);
+    let (text, status) = pod.exec_out(id, exec, &process)?;
+    pod.check(
+        status == 0,
+        format!("reading the limits inside {id}: exit {status}, output {text:?}"),
+    )?;
+    Ok(text.trim().to_string())
+}
+
+/// UpdateContainer raises, then lowers, the memory and pids limits; the container sees
+/// each change in its cgroup (own cgroup namespace), and StatsContainer agrees.
+fn update_limits_seen_inside() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let spec = SpecBuilder::new(&["sleep", "100000"])
+            .memory_limit(64 * MIB)
+            .pids_limit(40)
+            .cgroup_namespace(true);
+        pod.run("update", spec, Stdio::default(), |_| Ok(()))?;
+        let seen = limits_inside(pod, "update", "l0")?;
+        pod.check(
+            seen == format!("{} 40", 64 * MIB),
+            format!("limits inside before any update: {seen:?} (want 64 MiB and 40)"),
+        )?;
+        for (step, memory, pids) in [("raise", 96 * MIB, 100), ("lower", 48 * MIB, 10)] {
+            let resources = serde_json::json!({
+                "memory": {"limit": memory},
+                "pids": {"limit": pids},
+            });
+            pod.vm
+                .client
+                .update_container("update", resources.to_string().as_bytes())
+                .map_err(|e| pod.fail(format!("UpdateContainer ({step}) {resources}: {e}")))?;
+            let seen = limits_inside(pod, "update", &format!("l-{step}"))?;
+            pod.check(
+                seen == format!("{memory} {pids}"),
+                format!(
+                    "after UpdateContainer ({step}) the container sees memory.max pids.max = \
+                     {seen:?} (want {memory} {pids})"
+                ),
+            )?;
+            let s = pod
+                .vm
+                .client
+                .stats_container("update")
+                .map_err(|e| pod.fail(format!("StatsContainer: {e}")))?;
+            pod.check(
+                s.memory_limit_bytes == memory && s.pids_limit == pids as u64,
+                format!(
+                    "after UpdateContainer ({step}) stats say memory {} pids {} (want {memory} {pids})",
+                    s.memory_limit_bytes, s.pids_limit
+                ),
+            )?;
+        }
+        pod.remove("update")
+    })
+}
+
+/// A counter printing every 100 ms: nothing while paused, and after resume it goes on
+/// from where it stopped (nothing lost, nothing restarted).
+fn pause_and_resume() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let spec = SpecBuilder::new(&[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+        ]);
+        let mut out = None;
+        pod.run("pause", spec, stdout_only(), |p| {
+            out = Some(p.stdout("pause", "")?);
+            Ok(())
+        })?;
+        let out = out.ok_or("no stdout stream")?;
+        let (tx, rx) = mpsc::channel::<Result<u64, String>>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let item = match line {
+                    Ok(l) => l
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("not a number: {l:?}")),
+                    Err(e) => Err(format!("read: {e}")),
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let next = |what: &str, within: Duration| -> Result<u64, Failed> {
+            match rx.recv_timeout(within) {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(pod.fail(format!("counter output {what}: {e}"))),
+                Err(_) => Err(pod.fail(format!("no counter line {what} within {within:?}"))),
+            }
+        };
+        for want in 1..=3 {
+            let n = next("before pause", WAIT)?;
+            pod.check(n == want, format!("counter started with {n}, want {want}"))?;
+        }
+        pod.vm
+            .client
+            .pause_container("pause")
+            .map_err(|e| pod.fail(format!("PauseContainer: {e}")))?;
+        // What was printed before the freeze landed may still be in flight.
+        std::thread::sleep(Duration::from_millis(700));
+        let mut last = 3;
+        loop {
+            match rx.try_recv() {
+                Ok(Ok(n)) => last = n,
+                Ok(Err(e)) => return Err(pod.fail(format!("counter output: {e}"))),
+                Err(_) => break,
+            }
+        }
+        let quiet = Duration::from_secs(2);
+        match rx.recv_timeout(quiet) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Ok(n)) => {
+                return Err(pod.fail(format!(
+                    "the paused container printed {n} (last before pause {last})"
+                )))
+            }
+            Ok(Err(e)) => return Err(pod.fail(format!("counter output while paused: {e}"))),
+            Err(e) => return Err(pod.fail(format!("counter stream ended while paused: {e}"))),
+        }
+        let pids = pod
+            .vm
+            .client
+            .list_processes("pause")
+            .map_err(|e| pod.fail(format!("ListProcesses while paused: {e}")))?;
+        pod.check(
+            !pids.is_empty(),
+            "ListProcesses of the paused container is empty",
+        )?;
+        pod.vm
+            .client
+            .resume_container("pause")
+            .map_err(|e| pod.fail(format!("ResumeContainer: {e}")))?;
+        for want in last + 1..=last + 3 {
+            let n = next("after resume", WAIT)?;
+            pod.check(
+                n == want,
+                format!(
+                    "after resume the counter printed {n}, want {want} (last before pause {last})"
+                ),
+            )?;
+        }
+        pod.remove("pause")
+    })
+}
+
+/// Mount point and file system type of each /proc/<pid>/mountinfo line, with the
+/// super-block options.
+fn mounts(info: &str) -> Vec<(String, String, String)> {
+    info.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some((
+                fields.get(4)?.to_string(),
+                fields.get(sep + 1)?.to_string(),
+                fields.get(sep + 3).unwrap_or(&"").to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The container's "/" is its overlay (image lower dir), with the initramfs nowhere in
+/// sight, and the agent runs off a tmpfs root, not the initramfs: so the agent picks
+/// pivot_root (`Config::no_pivot` is `root_is_initramfs()`), not MS_MOVE + chroot.
+fn root_is_pivoted_overlay() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let mut out = None;
+        pod.run(
+            "root",
+            SpecBuilder::new(&["cat", "/proc/self/mountinfo"]),
+            stdout_only(),
+            |p| {
+                out = Some(p.stdout("root", "")?);
+                Ok(())
+            },
+        )?;
+        let info = pod.read_all(out.ok_or("no stdout stream")?, "container mountinfo")?;
+        let all = mounts(&info);
+        let root = all.iter().rev().find(|(mp, _, _)| mp == "/");
+        match root {
+            Some((_, fstype, opts)) => {
+                pod.check(
+                    fstype == "overlay",
+                    format!("the container's / is {fstype}, not overlay:\n{info}"),
+                )?;
+                pod.check(
+                    opts.contains(&format!("lowerdir={IMAGE_MOUNT}")),
+                    format!("the container's / overlay is not on the image ({opts}):\n{info}"),
+                )?;
+            }
+            None => return Err(pod.fail(format!("no mount for / in the container:\n{info}"))),
+        }
+        pod.check(
+            !all.iter().any(|(_, fstype, _)| fstype == "rootfs"),
+            format!("the initramfs (rootfs) is visible in the container:\n{info}"),
+        )?;
+        let wait = pod.wait("root", "")?;
+        pod.check(
+            wait.exit_status == 0,
+            format!("cat mountinfo exit {}", wait.exit_status),
+        )?;
+        pod.remove("root")?;
+
+        // The agent's own root, seen from a container in its PID namespace.
+        let host = pod.host_container()?;
+        let (agent_info, status) = pod.exec_out(
+            host,
+            "agent-mountinfo",
+            &SpecBuilder::new(&["sh", "-c", "cat /proc/1/comm /proc/1/mountinfo"])
+                .capability("CAP_SYS_PTRACE"),
+        )?;
+        pod.check(
+            status == 0,
+            format!("reading the agent's /proc/1/mountinfo: exit {status}: {agent_info:?}"),
+        )?;
+        let agent_root = mounts(&agent_info)
+            .into_iter()
+            .rev()
+            .find(|(mp, _, _)| mp == "/");
+        pod.check(
+            matches!(&agent_root, Some((_, fstype, _)) if fstype != "rootfs"),
+            format!(
+                "the agent's / is {agent_root:?}: it did not leave the initramfs, so \
+                 containers get MS_MOVE + chroot instead of pivot_root:\n{agent_info}"
+            ),
+        )
+    })
+}
+
+/// SetupNetwork moves the NIC (by MAC) from the agent's namespace into the pod's as eth0
+/// with an address and a default route: a pod container sees it and reaches the peer
+/// namespace through the TAP's namespace; the agent's namespace (a host-network
+/// container) and a container with a new network namespace have no such NIC.
+fn setup_network_pod_netns() -> Result<(), Failed> {
+    with_pod(|pod| {
+        if let Err(e) = &pod.net {
+            return Err(format!("no network lab, the VM has no NIC: {e}").into());
+        }
+        let host = pod.host_container()?;
+        let links = SpecBuilder::new(&["ip", "-o", "link"]);
+        let (before, _) = pod.exec_out(host, "links-before", &links)?;
+        pod.check(
+            before.contains(NET_MAC),
+            format!("the guest NIC {NET_MAC} is not in the agent's namespace before SetupNetwork:\n{before}"),
+        )?;
+        let request = |mac: &str| SetupNetworkRequest {
+            interfaces: vec![Interface {
+                mac: mac.into(),
+                name: "eth0".into(),
+                mtu: 1400,
+                addresses: vec![format!("{}/24", netns::GUEST_IP)],
+                ..Default::default()
+            }],
+            routes: vec![Route {
+                destination: "default".into(),
+                gateway: netns::TAP_IP.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        pod.vm
+            .client
+            .setup_network(&request(NET_MAC))
+            .map_err(|e| pod.fail(format!("SetupNetwork: {e}")))?;
+        pod.vm
+            .client
+            .setup_network(&request(&NET_MAC.to_uppercase()))
+            .map_err(|e| {
+                pod.fail(format!(
+                    "a second SetupNetwork (same request, MAC in upper case) failed: {e}"
+                ))
+            })?;
+
+        sleeper(pod, "netpod")?;
+        let (link, _) = pod.exec_out(
+            "netpod",
+            "link",
+            &SpecBuilder::new(&["ip", "-o", "link", "show", "eth0"]),
+        )?;
+        pod.check(
+            link.contains(NET_MAC) && link.contains("mtu 1400") && link.contains(",UP"),
+            format!("eth0 in the pod is not the NIC, up, with MTU 1400:\n{link}"),
+        )?;
+        let (addr, _) = pod.exec_out(
+            "netpod",
+            "addr",
+            &SpecBuilder::new(&["ip", "-o", "addr", "show", "dev", "eth0"]),
+        )?;
+        pod.check(
+            addr.contains(&format!("inet {}/24", netns::GUEST_IP)),
+            format!("eth0 in the pod lacks {}/24:\n{addr}", netns::GUEST_IP),
+        )?;
+        pod.check(
+            addr.matches("inet ").count() == 1,
+            format!("eth0 has other than one IPv4 address after two SetupNetwork calls:\n{addr}"),
+        )?;
+        let (routes, _) = pod.exec_out("netpod", "route", &SpecBuilder::new(&["ip", "route"]))?;
+        pod.check(
+            routes.contains(&format!("default via {}", netns::TAP_IP)),
+            format!(
+                "no default route via {} in the pod:\n{routes}",
+                netns::TAP_IP
+            ),
+        )?;
+        let (ping, status) = pod.exec_out(
+            "netpod",
+            "ping",
+            &SpecBuilder::new(&["ping", "-c", "1", "-W", "10", netns::TAP_IP]),
+        )?;
+        pod.check(
+            status == 0,
+            format!(
+                "ping {} (the TAP) from the pod failed ({status}):\n{ping}",
+                netns::TAP_IP
+            ),
+        )?;
+        // No `wget -T`: Debian's busybox-static 1.35 wget segfaults with it.
+        let url = format!("http://{}:{PEER_PORT}/token", netns::PEER_IP);
+        let fetch = format!(
+            "for i in 1 2 3 4 5; do timeout 15 wget -q -O - {url} 2>&1 && exit 0; sleep 1; done; exit 1"
+        );
+        let (body, status) =
+            pod.exec_out("netpod", "wget", &SpecBuilder::new(&["sh", "-c", &fetch]))?;
+        pod.check(
+            status == 0 && body == PEER_TOKEN,
+            format!("wget {url} from the pod: exit {status}, body {body:?} (want {PEER_TOKEN:?})"),
+        )?;
+
+        // The agent's namespace kept no NIC (lo and the kernel's fallback tunnels only).
+        let (after, _) = pod.exec_out(host, "links-after", &links)?;
+        pod.check(
+            !after.contains(NET_MAC) && !after.contains("link/ether"),
+            format!(
+                "the agent's namespace still has an Ethernet interface after SetupNetwork \
+                 (interfaces {:?}):\n{after}",
+                link_names(&after)
+            ),
+        )?;
+        // A container with a network namespace of its own: no NIC either.
+        let mut out = None;
+        pod.run_spec(
+            "netiso",
+            SpecBuilder::new(&["ip", "-o", "link"]),
+            stdout_only(),
+            |p| {
+                out = Some(p.stdout("netiso", "")?);
+                Ok(())
+            },
+        )?;
+        let iso = pod.read_all(out.ok_or("no stdout stream")?, "netiso ip link")?;
+        let names = link_names(&iso);
+        pod.check(
+            names.iter().any(|n| n == "lo")
+                && !names.iter().any(|n| n == "eth0")
+                && !iso.contains("link/ether"),
+            format!(
+                "a container in a new network namespace should have lo and no Ethernet \
+                 interface, has {names:?}:\n{iso}"
+            ),
+        )?;
+        pod.remove("netiso")?;
+        pod.remove("netpod")
+    })
+}
+
+/// Interface names from `ip -o link` ("1: lo: <...").
+fn link_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
 }

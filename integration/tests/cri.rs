@@ -40,7 +40,10 @@ const CASES: &[Case] = &[
     case("echo_and_logs", echo_and_logs),
     case("exec_sync", exec_sync),
     case("exec_tty_websocket", exec_tty_websocket),
-    case("replace_container_in_same_pod", replace_container_in_same_pod),
+    case(
+        "replace_container_in_same_pod",
+        replace_container_in_same_pod,
+    ),
     case("two_containers_localhost_tcp", two_containers_localhost_tcp),
     case("pod_to_pod_tcp", pod_to_pod_tcp),
     case("exit_codes", exit_codes),
@@ -104,8 +107,10 @@ struct Pod {
 impl Env {
     fn start() -> anyhow::Result<Env> {
         let t = Instant::now();
-        let mut opts = Options::default();
-        opts.ready_timeout = secs(60);
+        let opts = Options {
+            ready_timeout: secs(60),
+            ..Options::default()
+        };
         let ctrd = Containerd::start(opts).context("starting the private containerd")?;
         let mut cri = Cri::connect(&ctrd.socket, secs(60))
             .with_context(|| format!("containerd log:\n{}", ctrd.log_tail(20)))?;
@@ -227,10 +232,15 @@ fn run_scenario(
     if rt.is_cocoon() {
         cocoon_preflight()?;
         if let Some(why) = &h.cocoon_broken {
-            return Err(format!("not run: an earlier cocoon scenario could not run a pod: {why}").into());
+            return Err(
+                format!("not run: an earlier cocoon scenario could not run a pod: {why}").into(),
+            );
         }
     }
-    let env = match h.env.get_or_insert_with(|| Env::start().map_err(|e| format!("{e:#}"))) {
+    let env = match h
+        .env
+        .get_or_insert_with(|| Env::start().map_err(|e| format!("{e:#}")))
+    {
         Ok(env) => env,
         Err(e) => return Err(format!("no private containerd: {e}").into()),
     };
@@ -280,7 +290,10 @@ fn run_scenario(
         report.push(format!("{e:#}"));
     }
     if !cleanup_errors.is_empty() {
-        report.push(format!("cleanup failed:\n  {}", cleanup_errors.join("\n  ")));
+        report.push(format!(
+            "cleanup failed:\n  {}",
+            cleanup_errors.join("\n  ")
+        ));
     }
     if !left.is_empty() {
         report.push(format!(
@@ -346,9 +359,8 @@ fn text(b: &[u8]) -> String {
 
 /// A busybox httpd on port 8080 serving `body` at `/`.
 fn web_server(name: &str, body: &str) -> ContainerConfig {
-    let script = format!(
-        "mkdir -p /www && echo {body} >/www/index.html && exec httpd -f -p 8080 -h /www"
-    );
+    let script =
+        format!("mkdir -p /www && echo {body} >/www/index.html && exec httpd -f -p 8080 -h /www");
     cri::container_config(name, &sh(&script))
 }
 
@@ -394,8 +406,11 @@ fn exec_sync(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
         secs(30).as_secs() as i64,
     )?;
     ensure!(
-        (text(&r.stdout).as_str(), text(&r.stderr).as_str(), r.exit_code)
-            == ("out-5\n", "err\n", 5),
+        (
+            text(&r.stdout).as_str(),
+            text(&r.stderr).as_str(),
+            r.exit_code
+        ) == ("out-5\n", "err\n", 5),
         "exec: stdout {:?} stderr {:?} exit {}",
         text(&r.stdout),
         text(&r.stderr),
@@ -425,7 +440,8 @@ fn exec_tty_websocket(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
     let url = env.cri.exec_url(&id, &["sh"], true)?;
     // The resize and the input travel on different channels: wait for the size to land
     // before printing it. `$((6*7))` is echoed by the terminal as typed, 42 is not.
-    let input = "for i in $(seq 100); do [ \"$(stty size)\" = \"33 101\" ] && break; sleep 0.1; done\n\
+    let input =
+        "for i in $(seq 100); do [ \"$(stty size)\" = \"33 101\" ] && break; sleep 0.1; done\n\
                  echo size=$(stty size) tty=$(tty) sum=$((6*7))\n\
                  exit 3\n";
     let session = StreamSession {
@@ -611,10 +627,7 @@ fn write_configmap(dir: &Path, generation: u32, data: &[(&str, &str)]) -> anyhow
 
 /// A configmap-style volume updated on the host shows up in the running container.
 fn configmap_update(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
-    let dir: PathBuf = env
-        .ctrd
-        .volumes
-        .join(format!("configmap-{}", rt.handler));
+    let dir: PathBuf = env.ctrd.volumes.join(format!("configmap-{}", rt.handler));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let result = (|| {
@@ -675,11 +688,12 @@ fn stop_remove_no_residue(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
         );
     }
     ensure!(!env.cri.pod_ready(&pod.id)?, "pod still ready after stop");
-    let pod_procs: Vec<String> = residue::processes_of(&env.ctrd.base.display().to_string(), env.ctrd.pid())
-        .into_iter()
-        .filter(|p| p.comm == "sleep" || p.comm == "cocoon-vmm")
-        .map(|p| format!("{} {} [{}]", p.pid, p.comm, p.cmdline))
-        .collect();
+    let pod_procs: Vec<String> =
+        residue::processes_of(&env.ctrd.base.display().to_string(), env.ctrd.pid())
+            .into_iter()
+            .filter(|p| p.comm == "sleep" || p.comm == "cocoon-vmm")
+            .map(|p| format!("{} {} [{}]", p.pid, p.comm, p.cmdline))
+            .collect();
     ensure!(
         pod_procs.is_empty(),
         "after StopPodSandbox these still run: {pod_procs:?}"
@@ -712,7 +726,10 @@ fn sandbox_process(env: &mut Env, rt: &Runtime, pod: &Pod) -> anyhow::Result<u32
         )
         .filter(|p| p.comm == "cocoon-vmm")
         .collect();
-    let mut pids: Vec<u32> = vmms.iter().filter_map(|p| u32::try_from(p.pid).ok()).collect();
+    let mut pids: Vec<u32> = vmms
+        .iter()
+        .filter_map(|p| u32::try_from(p.pid).ok())
+        .collect();
     pids.sort_unstable();
     pids.dedup();
     match pids.as_slice() {
@@ -722,7 +739,10 @@ fn sandbox_process(env: &mut Env, rt: &Runtime, pod: &Pod) -> anyhow::Result<u32
              process whose command line names the sandbox id, e.g. its shim)",
             pod.id
         ),
-        many => bail!("several cocoon-vmm processes for sandbox {}: {many:?}", pod.id),
+        many => bail!(
+            "several cocoon-vmm processes for sandbox {}: {many:?}",
+            pod.id
+        ),
     }
 }
 
@@ -774,7 +794,10 @@ fn containerd_restart(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
         .filter_map(tick)
         .max()
         .unwrap_or(0);
-    ensure!(env.cri.pod_ready(&pod.id)?, "pod not ready after the restart");
+    ensure!(
+        env.cri.pod_ready(&pod.id)?,
+        "pod not ready after the restart"
+    );
     let st = env.cri.container_status(&id)?;
     ensure!(
         st.state == ContainerState::ContainerRunning as i32,
@@ -782,14 +805,21 @@ fn containerd_restart(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
         cri::state_name(st.state)
     );
     let r = env.cri.exec_sync(&id, &["echo", "alive"], 30)?;
-    ensure!(text(&r.stdout) == "alive\n", "exec after the restart: {r:?}");
+    ensure!(
+        text(&r.stdout) == "alive\n",
+        "exec after the restart: {r:?}"
+    );
     env.wait_log(&pod, &ticker, "ticks after the restart", |l| {
         tick(l).is_some_and(|n| n > last_before + 5)
     })?;
     let late = cri::container_config("late", &sh("echo late"));
     let id2 = env.run(&pod, &late)?;
     let st = env.cri.wait_exited(&id2, secs(30))?;
-    ensure!(st.exit_code == 0, "new container after the restart exited {}", st.exit_code);
+    ensure!(
+        st.exit_code == 0,
+        "new container after the restart exited {}",
+        st.exit_code
+    );
     env.wait_log(&pod, &late, "'late'", |l| l.text == "late")?;
     Ok(())
 }
@@ -873,11 +903,16 @@ fn main() -> ExitCode {
                 return runc.exit_code();
             }
             let cocoon = if let Err(why) = cocoon_preflight() {
-                eprintln!("cri tests: cocoon scenarios cannot run: {}", why.message().unwrap_or(""));
+                eprintln!(
+                    "cri tests: cocoon scenarios cannot run: {}",
+                    why.message().unwrap_or("")
+                );
                 let h = Arc::new(Mutex::new(Harness::default()));
                 libtest_mimic::run(&args, trials(&h, &[COCOON])).exit_code()
             } else {
-                eprintln!("cri tests: this host has {kvm}; cocoon scenarios run inside the test lab");
+                eprintln!(
+                    "cri tests: this host has {kvm}; cocoon scenarios run inside the test lab"
+                );
                 // SAFETY-free in edition 2021; no other thread runs at this point. The
                 // lab runner passes COCOON_* variables into the lab.
                 std::env::set_var(ONLY_COCOON_ENV, "1");

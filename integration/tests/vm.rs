@@ -526,13 +526,16 @@ fn vmm_vsock_slow_host_gets_all_guest_data() -> Result<(), Failed> {
     let ready = vm.wait_for(|l| l == "GUEST-READY", BOOT_TIMEOUT);
     let result = (|| -> Result<u64, String> {
         let mut c = cocoon_integration::vsock::connect(&uds, 5001).map_err(|e| e.to_string())?;
-        c.write_all(&BYTES.to_le_bytes()).map_err(|e| e.to_string())?;
+        c.write_all(&BYTES.to_le_bytes())
+            .map_err(|e| e.to_string())?;
         // Past the guest's close timeout, within the VMM's linger time.
         std::thread::sleep(Duration::from_millis(8800));
         let mut buf = vec![0u8; 64 * 1024];
         let mut got = 0u64;
         loop {
-            let n = c.read(&mut buf).map_err(|e| format!("read after {got}: {e}"))?;
+            let n = c
+                .read(&mut buf)
+                .map_err(|e| format!("read after {got}: {e}"))?;
             if n == 0 {
                 return Ok(got);
             }

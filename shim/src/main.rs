@@ -6,8 +6,8 @@
 //! by the CRI annotation `io.kubernetes.cri.sandbox-id` and hands out the running
 //! shim's socket for every container of the pod.
 //!
-//! The `start` and `delete` actions (and `-info`) run through the `containerd-shim`
-//! crate. The serving process is set up here instead of by the crate, because the crate
+//! The `start` action is ours ([`start`]: containerd 1.6 needs a bare address where the
+//! crate answers JSON); `delete` and `-info` run through the `containerd-shim` crate. The serving process is set up here instead of by the crate, because the crate
 //! registers the Task service only as `containerd.task.v3.Task` (containerd 2.x), and
 //! containerd 1.6/1.7 call `containerd.task.v2.Task`: the same messages under the old
 //! name. This shim serves both names.
@@ -15,7 +15,9 @@
 mod convert;
 mod logging;
 mod service;
+mod start;
 
+use std::collections::HashMap;
 use std::os::fd::IntoRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -51,8 +53,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if flags.action == "start" {
+        // Our own: the crate's legacy reply is JSON, which containerd 1.6 cannot read.
+        return match start::start(&flags) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("containerd-shim-cocoon-v1 start: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if flags.info || !flags.action.is_empty() {
-        // start, delete, -info: the crate's bootstrap (start protocols of containerd 1.6
+        // delete, -info: the crate's bootstrap (start protocols of containerd 1.6
         // to 2.3), calling back into `service::CocoonShim`.
         shim::run::<service::CocoonShim>(
             RUNTIME_ID,
@@ -113,6 +125,21 @@ fn bind(path: &Path) -> Result<Option<UnixListener>, String> {
         .map_err(|e| format!("binding {}: {e}", path.display()))
 }
 
+/// The Task service's methods under `containerd.task.v3.Task` (containerd 2.x) and
+/// `containerd.task.v2.Task` (containerd 1.6/1.7): same messages, two names.
+fn task_methods(
+    task: Arc<dyn shim::protos::shim_sync::Task + Send + Sync>,
+) -> HashMap<String, Box<dyn shim::protos::ttrpc::MethodHandler + Send + Sync>> {
+    let mut methods = shim::protos::shim_sync::create_task(task.clone());
+    for (path, handler) in shim::protos::shim_sync::create_task(task) {
+        let v2 = path.replace("/containerd.task.v3.Task/", "/containerd.task.v2.Task/");
+        if v2 != path {
+            methods.insert(v2, handler);
+        }
+    }
+    methods
+}
+
 /// The serving shim: logging, the Task service under both API names, until Shutdown.
 fn serve(flags: &shim::Flags) -> Result<(), String> {
     if flags.namespace.is_empty() || flags.socket.is_empty() {
@@ -141,21 +168,15 @@ fn serve(flags: &shim::Flags) -> Result<(), String> {
     let exit = task.exit.clone();
     let task: Arc<dyn shim::protos::shim_sync::Task + Send + Sync> = Arc::new(task);
 
-    let mut services = shim::protos::shim_sync::create_task(task.clone());
-    let v3: Vec<String> = services.keys().cloned().collect();
-    for (name, svc) in shim::protos::shim_sync::create_task(task) {
-        let v2 = name.replace("containerd.task.v3.", "containerd.task.v2.");
-        if v2 != name {
-            services.insert(v2, svc);
-        }
-    }
+    let services = task_methods(task);
+    let methods = services.len();
     let mut server = Server::new()
         .add_listener(listener.into_raw_fd())
         .map_err(|e| format!("ttrpc listener: {e}"))?
         .register_service(services);
     server.start().map_err(|e| format!("ttrpc server: {e}"))?;
     info!(socket = %path.display(), namespace = %flags.namespace, id = %flags.id,
-        services = ?v3, pid = std::process::id(), "shim serving (task API v2 and v3)");
+        methods, pid = std::process::id(), "shim serving (task API v2 and v3)");
     signal_started();
 
     exit.wait();
@@ -165,4 +186,43 @@ fn serve(flags: &shim::Flags) -> Result<(), String> {
         warn!(socket = %path.display(), error = %e, "removing the shim socket");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nop;
+    impl shim::Task for Nop {}
+
+    #[test]
+    fn task_api_is_served_as_v2_and_v3() {
+        let methods = task_methods(Arc::new(Nop));
+        for verb in ["Create", "Start", "Kill", "Wait", "Delete", "Shutdown"] {
+            for v in ["v2", "v3"] {
+                let path = format!("/containerd.task.{v}.Task/{verb}");
+                assert!(methods.contains_key(&path), "{path} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(
+            socket_path("unix:///run/containerd/s/abc"),
+            PathBuf::from("/run/containerd/s/abc")
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("s").join("x");
+        let listener = bind(&sock).expect("bind").expect("free");
+        assert!(
+            bind(&sock).expect("second").is_none(),
+            "a live shim is detected"
+        );
+        drop(listener);
+        assert!(
+            bind(&sock).expect("stale").is_some(),
+            "a stale socket is replaced"
+        );
+    }
 }

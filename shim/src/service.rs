@@ -285,7 +285,7 @@ pub struct CocoonShim {
 }
 
 /// The bundle's OCI spec, if readable.
-fn bundle_spec(bundle: &Path) -> Option<serde_json::Value> {
+pub fn bundle_spec(bundle: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read(bundle.join("config.json")).ok()?;
     serde_json::from_slice(&text).ok()
 }

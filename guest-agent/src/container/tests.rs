@@ -259,13 +259,14 @@ fn make_image(dir: &Path) {
         .expect("chmod /tmp");
     std::fs::copy(BUSYBOX, dir.join("bin/busybox")).expect("copy busybox");
     for tool in [
-        "sh", "echo", "cat", "sleep", "dd", "true", "ls", "id", "tty",
+        "sh", "echo", "cat", "sleep", "dd", "true", "ls", "id", "tty", "grep",
     ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(tool)).expect("symlink");
     }
 }
 
-/// Denies mkdir: shows whether a process runs under the container's seccomp filter.
+/// Denies mkdir with EPERM: shows whether a process runs under the container's seccomp
+/// filter.
 fn deny_mkdir() -> serde_json::Value {
     serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
@@ -309,16 +310,38 @@ fn exec_request(
     args: &[&str],
     stdio: api::Stdio,
 ) -> api::ExecProcessRequest {
+    exec_request_nnp(id, exec_id, args, stdio, None)
+}
+
+/// A few capabilities, not CAP_SYS_ADMIN: seccomp(2) then needs no_new_privs.
+fn limited_caps() -> serde_json::Value {
+    let caps = serde_json::json!(["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID"]);
+    serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps})
+}
+
+/// An exec request with `noNewPrivileges` set as given, and [`limited_caps`], or as
+/// [`exec_request`] for None.
+fn exec_request_nnp(
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+    stdio: api::Stdio,
+    no_new_privileges: Option<bool>,
+) -> api::ExecProcessRequest {
     let mut r = api::ExecProcessRequest::new();
     r.container_id = id.into();
     r.exec_id = exec_id.into();
-    r.process_json = serde_json::to_vec(&serde_json::json!({
+    let mut process = serde_json::json!({
         "user": {"uid": 1000, "gid": 1000, "additionalGids": [10]},
         "args": args,
         "env": ["PATH=/bin"],
         "cwd": "/tmp",
-    }))
-    .expect("json");
+    });
+    if let Some(nnp) = no_new_privileges {
+        process["noNewPrivileges"] = serde_json::json!(nnp);
+        process["capabilities"] = limited_caps();
+    }
+    r.process_json = serde_json::to_vec(&process).expect("json");
     r.stdio = Some(stdio).into();
     r
 }
@@ -353,7 +376,8 @@ fn lifecycle_inside_namespaces() {
     make_image(&image);
 
     // 1. Pipes: output written before anyone attached is kept; stdin reaches the
-    //    process; exit codes and exec.
+    //    process; exit codes and exec; the container's seccomp filter (mkdir fails with
+    //    EPERM) holds for its init and for exec'd processes.
     let args = [
         "sh",
         "-c",
@@ -382,10 +406,12 @@ fn lifecycle_inside_namespaces() {
     ));
     assert!(cs.list_processes("c1").expect("ps").contains(&pid));
 
+    // Unfiltered, uid 1000 could make /tmp/d2 (/tmp is 1777).
     let exec_args = [
         "sh",
         "-c",
-        "echo exec $(id -u):$(id -g) $(pwd); mkdir /tmp/d2 2>/dev/null || echo denied; exit 5",
+        "echo exec $(id -u):$(id -g) $(pwd); mkdir /tmp/d2 2>&1 || echo denied; \
+         grep Seccomp: /proc/self/status; exit 5",
     ];
     let epid = cs
         .exec(&exec_request(
@@ -399,17 +425,43 @@ fn lifecycle_inside_namespaces() {
         cs.exec(&exec_request("c1", "e1", &["true"], api::Stdio::new())),
         Err(AgentError::AlreadyExists { .. })
     ));
-    // KNOWN GAP: libcontainer 0.7's tenant builder rebuilds `linux` without `seccomp`,
-    // so exec'd processes do not get the container's filter (mkdir is not denied).
+    // The exec'd process runs under the container's filter (libcontainer 0.7 dropped
+    // it for exec; third_party/libcontainer/PATCHES.md).
+    let filtered = "mkdir: can't create directory '/tmp/d2': Operation not permitted\n\
+                    denied\nSeccomp:\t2\n";
     assert_eq!(
         read_all(attach(&cs, "c1", "e1", "stdout")),
-        "exec 1000:1000 /tmp\n"
+        format!("exec 1000:1000 /tmp\n{filtered}")
     );
     assert_eq!(read_all(attach(&cs, "c1", "e1", "stderr")), "");
     let w = cs.wait("c1", "e1").expect("wait e1");
     assert_eq!(w.exit_status, 5);
     assert!(w.exited_at_ns > 0);
     assert!(!w.oom_killed);
+    // libcontainer installs the filter before dropping capabilities unless the process
+    // sets noNewPrivileges (then right before exec): each way holds for an exec, also
+    // with an explicit `false` (upstream 0.7 then failed to load the filter).
+    for (exec_id, nnp) in [("e2", true), ("e3", false)] {
+        let args = [
+            "sh",
+            "-c",
+            "mkdir /tmp/d2 2>&1 || echo denied; grep Seccomp: /proc/self/status",
+        ];
+        cs.exec(&exec_request_nnp(
+            "c1",
+            exec_id,
+            &args,
+            stdio(false, false, true, false),
+            Some(nnp),
+        ))
+        .unwrap_or_else(|e| panic!("exec {exec_id} (noNewPrivileges {nnp}): {e}"));
+        assert_eq!(
+            read_all(attach(&cs, "c1", exec_id, "stdout")),
+            filtered,
+            "exec {exec_id} (noNewPrivileges {nnp})"
+        );
+        assert_eq!(cs.wait("c1", exec_id).expect("wait").exit_status, 0);
+    }
     assert!(matches!(
         cs.signal("c1", "e1", 15, false),
         Err(AgentError::NotFound { .. })
@@ -427,7 +479,12 @@ fn lifecycle_inside_namespaces() {
     seen.sort();
     assert_eq!(
         seen,
-        vec![(String::new(), 3, false), ("e1".into(), 5, false)]
+        vec![
+            (String::new(), 3, false),
+            ("e1".into(), 5, false),
+            ("e2".into(), 0, false),
+            ("e3".into(), 0, false),
+        ]
     );
     assert!(matches!(
         cs.signal("c1", "", 9, false),
@@ -440,15 +497,20 @@ fn lifecycle_inside_namespaces() {
     assert!(!base.path().join("containers/c1").exists());
     assert!(!base.path().join("oci/c1").exists());
 
-    // 2. Overlay rootfs, a terminal, pause/resume, resource updates, signals.
+    // 2. Overlay rootfs, a terminal, pause/resume, resource updates, signals; the
+    //    seccomp filter of an init with `noNewPrivileges: false` and few capabilities.
     let disk = base.path().join("disk");
     std::fs::create_dir_all(&disk).expect("disk");
-    let args = ["sh", "-c", "echo written > /tmp/f; echo tty; sleep 1000"];
-    let mut req = create_request(
-        "c2",
-        spec(None, &args, serde_json::json!({})),
-        stdio(true, true, true, false),
-    );
+    let args = [
+        "sh",
+        "-c",
+        "echo written > /tmp/f; mkdir /tmp/d 2>/dev/null || echo denied; echo tty; sleep 1000",
+    ];
+    let mut c2_spec = spec(None, &args, serde_json::json!({}));
+    c2_spec["process"]["noNewPrivileges"] = serde_json::json!(false);
+    c2_spec["process"]["capabilities"] = limited_caps();
+    c2_spec["linux"]["seccomp"] = deny_mkdir();
+    let mut req = create_request("c2", c2_spec, stdio(true, true, true, false));
     let mut rootfs = api::Rootfs::new();
     rootfs.image_mount = image.display().to_string();
     rootfs.writable_mount = disk.display().to_string();
@@ -459,7 +521,7 @@ fn lifecycle_inside_namespaces() {
     let mut tty = attach(&cs, "c2", "", "stdout");
     cs.resize_tty("c2", "", 40, 100).expect("resize");
     cs.start("c2").expect("start c2");
-    assert!(read_until(&mut tty, "tty").contains("tty\r\n"));
+    assert!(read_until(&mut tty, "tty").contains("denied\r\ntty\r\n"));
     cs.pause("c2").expect("pause");
     assert!(matches!(
         cs.pause("c2"),

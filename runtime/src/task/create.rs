@@ -16,9 +16,11 @@ use crate::spec::{self, SourceKind};
 use crate::state::ContainerRecord;
 use crate::stdio::ProcessIo;
 
-/// Where a container's disks are mounted in the guest.
+/// Where a container's disks are mounted in the guest. Not under the agent's bundle
+/// directory (`/run/cocoon/containers/<id>`): the agent removes that at RemoveContainer,
+/// which fails (EBUSY) while the disks are still mounted inside it.
 fn guest_mounts(container_id: &str) -> (String, String) {
-    let base = format!("/run/cocoon/containers/{container_id}");
+    let base = format!("/run/cocoon/storage/{container_id}");
     (format!("{base}/image"), format!("{base}/writable"))
 }
 
