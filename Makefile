@@ -5,7 +5,7 @@ TARGET := x86_64-unknown-linux-gnu
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab \
+.PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab test-cri \
         lint bench bench-vmm bench-agent lab-shell demo clean FORCE
 
 all: guest build
@@ -22,7 +22,9 @@ lab-kernel:
 	guest-kernel/build.sh lab $(BUILD)/lab
 
 # The agent, statically linked (libseccomp too): it is the guest's only userspace.
+# Optimised for size (7.1 vs 8.5 MB): it is unpacked and copied at every boot.
 $(BUILD)/cocoon-agent: FORCE
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
 	    --target $(TARGET) -p cocoon-agent
@@ -72,8 +74,14 @@ test-vm: guest lab-kernel $(BUILD)/cocoon-vsock-probe
 	$(CARGO) test --locked -p cocoon-integration --test vm
 	$(CARGO) test --locked -p cocoon-integration --test agent_vm
 
+# Pods through a private containerd's CRI API: runc (the baseline) on this host, cocoon
+# with real VMs (inside one test-lab boot on hosts whose KVM cannot boot Linux).
+test-cri: guest lab-kernel
+	$(CARGO) build --locked -p cocoon-vmm -p containerd-shim-cocoon-v1
+	$(CARGO) test --locked -p cocoon-integration --test cri
+
 # The whole suite.
-test: lint test-unit test-lab test-vm
+test: lint test-unit test-lab test-vm test-cri
 
 bench: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration

@@ -9,7 +9,7 @@ BASE_PKGS=(
   linux-source-6.1
   e2fsprogs erofs-utils busybox-static libseccomp-dev
   iproute2 util-linux procps python3
-  containerd runc containernetworking-plugins
+  containerd runc containernetworking-plugins protobuf-compiler
 )
 # QEMU 10 from bookworm-backports: the lab needs it (QEMU 7.2's TCG froze the lab),
 # and its qboot.rom firmware avoids SeaBIOS' 30 s stall.

@@ -13,11 +13,23 @@ pub mod stdio;
 
 /// Generated protobuf messages and ttrpc client/server code.
 pub mod api {
-    #[allow(clippy::all, clippy::unwrap_used, unused, missing_docs, nonstandard_style)]
+    #[allow(
+        clippy::all,
+        clippy::unwrap_used,
+        unused,
+        missing_docs,
+        nonstandard_style
+    )]
     pub mod agent {
         include!(concat!(env!("OUT_DIR"), "/agent.rs"));
     }
-    #[allow(clippy::all, clippy::unwrap_used, unused, missing_docs, nonstandard_style)]
+    #[allow(
+        clippy::all,
+        clippy::unwrap_used,
+        unused,
+        missing_docs,
+        nonstandard_style
+    )]
     pub mod agent_ttrpc {
         include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
     }

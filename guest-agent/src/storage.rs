@@ -240,7 +240,7 @@ fn unescape_mountinfo(field: &str) -> String {
 }
 
 /// Whether `mountinfo` (the text of /proc/<pid>/mountinfo) has a mount at `path`.
-fn mounted_at(mountinfo: &str, path: &Path) -> bool {
+pub(crate) fn mounted_at(mountinfo: &str, path: &Path) -> bool {
     let want = path.to_string_lossy();
     mountinfo
         .lines()
@@ -477,26 +477,7 @@ mod tests {
         assert_eq!(unescape_mountinfo("\\04"), "\\04");
     }
 
-    /// Runs `f` on a thread with its own mount namespace (private propagation), so that
-    /// mounts made by the test neither show on the host nor outlive the thread.
-    fn in_private_mount_ns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mnt");
-                mount(
-                    None::<&str>,
-                    "/",
-                    None::<&str>,
-                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                    None::<&str>,
-                )
-                .expect("make / private");
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
+    use crate::sandbox::test_support::in_private_mount_ns;
 
     /// A loop device over a fresh image; detached on drop.
     struct Loop(String);

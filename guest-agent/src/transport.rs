@@ -2,8 +2,8 @@
 
 use crate::error::{AgentError, Result};
 use nix::sys::socket::{
-    accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-    VsockAddr,
+    accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrLike, UnixAddr, VsockAddr,
 };
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -61,38 +61,30 @@ pub struct Listener {
     addr: Addr,
 }
 
+/// A stream socket of `addr`'s family and its socket address (vsock: on `cid`).
+fn stream_socket(addr: &Addr, cid: u32, ctx: &str) -> Result<(OwnedFd, Box<dyn SockaddrLike>)> {
+    let wrap = |e: nix::Error| AgentError::io(format!("{ctx} {addr}"))(e.into());
+    let (family, sa): (_, Box<dyn SockaddrLike>) = match addr {
+        Addr::Vsock(port) => (AddressFamily::Vsock, Box::new(VsockAddr::new(cid, *port))),
+        Addr::Unix(path) => (
+            AddressFamily::Unix,
+            Box::new(UnixAddr::new(path).map_err(wrap)?),
+        ),
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(wrap)?;
+    Ok((fd, sa))
+}
+
 impl Listener {
     pub fn bind(addr: &Addr) -> Result<Self> {
-        let ctx = |what: &str| format!("{what} {addr}");
-        let fd = match addr {
-            Addr::Vsock(port) => {
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .map_err(|e| AgentError::io(ctx("socket"))(e.into()))?;
-                bind(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, *port))
-                    .map_err(|e| AgentError::io(ctx("bind"))(e.into()))?;
-                fd
-            }
-            Addr::Unix(path) => {
-                let fd = socket(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .map_err(|e| AgentError::io(ctx("socket"))(e.into()))?;
-                let _ = std::fs::remove_file(path);
-                let ua =
-                    UnixAddr::new(path).map_err(|e| AgentError::io(ctx("address"))(e.into()))?;
-                bind(fd.as_raw_fd(), &ua).map_err(|e| AgentError::io(ctx("bind"))(e.into()))?;
-                fd
-            }
-        };
-        listen(&fd, Backlog::MAXCONN).map_err(|e| AgentError::io(ctx("listen"))(e.into()))?;
+        let (fd, sa) = stream_socket(addr, VMADDR_CID_ANY, "listen on")?;
+        let wrap = |e: nix::Error| AgentError::io(format!("listen on {addr}"))(e.into());
+        if let Addr::Unix(path) = addr {
+            // A socket file left by an earlier run.
+            let _ = std::fs::remove_file(path);
+        }
+        bind(fd.as_raw_fd(), sa.as_ref()).map_err(wrap)?;
+        listen(&fd, Backlog::MAXCONN).map_err(wrap)?;
         Ok(Listener {
             fd,
             addr: addr.clone(),
@@ -109,33 +101,9 @@ impl Listener {
 
 /// Connects to `addr`; a vsock port means the host's (CID 2).
 pub fn connect_to(addr: &Addr) -> Result<File> {
-    let ctx = format!("connect to {addr}");
-    let fd = match addr {
-        Addr::Vsock(port) => {
-            let fd = socket(
-                AddressFamily::Vsock,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| AgentError::io(ctx.clone())(e.into()))?;
-            connect(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_HOST, *port))
-                .map_err(|e| AgentError::io(ctx.clone())(e.into()))?;
-            fd
-        }
-        Addr::Unix(path) => {
-            let fd = socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| AgentError::io(ctx.clone())(e.into()))?;
-            let ua = UnixAddr::new(path).map_err(|e| AgentError::io(ctx.clone())(e.into()))?;
-            connect(fd.as_raw_fd(), &ua).map_err(|e| AgentError::io(ctx.clone())(e.into()))?;
-            fd
-        }
-    };
+    let (fd, sa) = stream_socket(addr, VMADDR_CID_HOST, "connect to")?;
+    connect(fd.as_raw_fd(), sa.as_ref())
+        .map_err(|e| AgentError::io(format!("connect to {addr}"))(e.into()))?;
     Ok(File::from(fd))
 }
 

@@ -8,8 +8,8 @@
 //! unmounted, the network namespaces it created, its bridge and cgroups are removed, and
 //! the directory is deleted.
 
-use crate::image;
 use crate::residue::{self, Scope};
+use crate::{image, paths, vmm};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -154,6 +154,12 @@ pub struct Containerd {
     /// Pods' cgroup parent (cgroupfs path, relative to each hierarchy's root).
     pub cgroup_parent: String,
     pub stream_port: u16,
+    /// The cocoon runtime's config (`$COCOON_CONFIG` for the shims), unless the caller's
+    /// environment already names one.
+    pub cocoon_config: PathBuf,
+    /// Its image-disk cache and per-sandbox state, private to this containerd.
+    pub cocoon_images: PathBuf,
+    pub cocoon_state: PathBuf,
     child: Option<Child>,
     netns_before: BTreeSet<String>,
     /// Host directories containerd and CNI create on first use outside our directory,
@@ -181,7 +187,8 @@ impl Containerd {
         std::fs::create_dir_all(&opts.base_parent)
             .map_err(io(format!("create {}", opts.base_parent.display())))?;
         let base = tempfile::Builder::new()
-            .prefix("cocoon-cri.")
+            // Short: sandbox sockets under it must fit a Unix socket path (107 bytes).
+            .prefix("ccri.")
             .tempdir_in(&opts.base_parent)
             .map_err(io("create the private containerd's directory"))?
             .keep();
@@ -201,6 +208,9 @@ impl Containerd {
             subnet_prefix: format!("10.{}.{}", 200 + tag % 50, (tag / 50) % 250),
             cgroup_parent: format!("/cocoon-cri-{tag}"),
             stream_port: free_port()?,
+            cocoon_config: base.join("cocoon.toml"),
+            cocoon_images: base.join("images"),
+            cocoon_state: base.join("s"),
             base,
             opts,
             child: None,
@@ -218,11 +228,15 @@ impl Containerd {
             &c.cni_ipam_dir,
             &c.pod_logs,
             &c.volumes,
+            &c.cocoon_images,
+            &c.cocoon_state,
         ] {
             std::fs::create_dir_all(d).map_err(io(format!("create {}", d.display())))?;
         }
         std::fs::write(&c.config, c.render_config())
             .map_err(io(format!("write {}", c.config.display())))?;
+        std::fs::write(&c.cocoon_config, c.render_cocoon_config())
+            .map_err(io(format!("write {}", c.cocoon_config.display())))?;
         let conflist = c.cni_conf_dir.join("10-cocoon-test.conflist");
         std::fs::write(&conflist, c.render_cni())
             .map_err(io(format!("write {}", conflist.display())))?;
@@ -306,6 +320,21 @@ disabled_plugins = [
         s
     }
 
+    /// The cocoon runtime's config: this build's VMM, guest kernel and initramfs
+    /// (`$COCOON_VMM`, `$COCOON_BUILD_DIR` move them), and state under our directory.
+    pub fn render_cocoon_config(&self) -> String {
+        format!(
+            "# Cocoon runtime config for the CRI tests (integration/src/containerd.rs).\n\
+             vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n\
+             image_dir = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n",
+            vmm::vmm_binary().display(),
+            paths::guest_vmlinux().display(),
+            paths::guest_initramfs().display(),
+            self.cocoon_images.display(),
+            self.cocoon_state.display(),
+        )
+    }
+
     /// The pod network: a bridge with host-local IPAM (leases kept under our directory);
     /// containerd's CRI adds the loopback plugin for `lo` itself. No masquerading: no
     /// iptables rules to leave behind.
@@ -357,7 +386,12 @@ disabled_plugins = [
             path.push(":");
         }
         path.push(rest);
-        let child = Command::new(&self.opts.containerd)
+        let mut cmd = Command::new(&self.opts.containerd);
+        if std::env::var_os("COCOON_CONFIG").is_none() {
+            // containerd passes its environment on to the shims it starts.
+            cmd.env("COCOON_CONFIG", &self.cocoon_config);
+        }
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .env("PATH", path)
@@ -531,6 +565,9 @@ disabled_plugins = [
                 PathBuf::from("/run/containerd/s"),
                 // libcni's result cache (not configurable through containerd).
                 PathBuf::from("/var/lib/cni"),
+                self.cocoon_images.clone(),
+                self.cocoon_state.clone(),
+                // The runtime's defaults, for a $COCOON_CONFIG that keeps them.
                 PathBuf::from("/var/lib/cocoon"),
                 PathBuf::from("/run/cocoon"),
             ],

@@ -18,7 +18,10 @@ use cocoon_agent_protocol::stdio::{StdioHeader, Stream};
 use cocoon_agent_protocol::PROTOCOL_VERSION;
 use cocoon_integration::netns::{self, NetLab};
 use cocoon_integration::oci::pod_vm::{PodVm, PodVmConfig, PodVmNet};
-use cocoon_integration::oci::{busybox_image, writable_disk, PodNamespaces, SpecBuilder};
+use cocoon_integration::oci::{
+    busybox_rootfs, erofs_image, writable_disk, PodNamespaces, SpecBuilder,
+};
+use cocoon_integration::paths;
 use cocoon_integration::testguest::ext4_cat;
 use cocoon_runtime::agent::{Rootfs, SetupNetworkRequest, SetupSandboxRequest, Stdio};
 use libtest_mimic::{Failed, Trial};
@@ -31,7 +34,7 @@ use std::time::{Duration, Instant};
 const IMAGE_MOUNT: &str = "/run/pod/image";
 const HOSTNAME: &str = "agent-vm-test";
 /// Writable slots: one per container the checks create (at most 18 with the image's).
-const WRITABLE_SLOTS: usize = 14;
+const WRITABLE_SLOTS: usize = 16;
 /// Output and waits in the nested, emulated guest.
 const WAIT: Duration = Duration::from_secs(60);
 /// The guest NIC's MAC.
@@ -127,6 +130,10 @@ fn main() -> ExitCode {
         Trial::test("agent_vm_pause_freezes_resume_continues", pause_and_resume),
         Trial::test("agent_vm_root_is_pivoted_overlay", root_is_pivoted_overlay),
         Trial::test("agent_vm_setup_network_pod_netns", setup_network_pod_netns),
+        Trial::test(
+            "agent_vm_containers_cannot_reach_the_agent_api",
+            containers_cannot_reach_the_agent_api,
+        ),
         Trial::test("agent_vm_shutdown_powers_off", shutdown_powers_off),
     ]);
     // A run filtered to some trials leaves the VM up: end it (killed on drop).
@@ -154,7 +161,17 @@ fn boot_pod() -> Result<Pod, String> {
         },
         vm_net.as_ref(),
     )?;
-    let (_, image) = busybox_image(vm.dir()).map_err(|e| format!("busybox image: {e}"))?;
+    // busybox plus the vsock probe (a container trying the agent's ports).
+    let rootfs = vm.dir().join("rootfs");
+    busybox_rootfs(&rootfs).map_err(|e| format!("busybox rootfs: {e}"))?;
+    std::fs::copy(paths::probe(), rootfs.join("bin/cocoon-vsock-probe")).map_err(|e| {
+        format!(
+            "copy {} into the image (make build/cocoon-vsock-probe): {e}",
+            paths::probe().display()
+        )
+    })?;
+    let image = vm.dir().join("image.erofs");
+    erofs_image(&rootfs, &image).map_err(|e| format!("busybox image: {e}"))?;
     let fail = |what: String| format!("{what}\n{}", vm.transcript());
     vm.add_disk(0, &image, "erofs", true, "image0", IMAGE_MOUNT)
         .map_err(fail)?;
@@ -448,10 +465,7 @@ fn overlay_container_output_exit_and_persistence() -> Result<(), Failed> {
             wait.exit_status == 7,
             format!("exit status {} (want 7)", wait.exit_status),
         )?;
-        pod.vm
-            .client
-            .remove_container("persist")
-            .map_err(|e| pod.fail(format!("RemoveContainer: {e}")))?;
+        pod.remove("persist")?;
         pod.vm
             .client
             .remove_storage(&mount)
@@ -510,10 +524,7 @@ fn exec_into_running_container() -> Result<(), Failed> {
             !pids.is_empty(),
             "ListProcesses of a running container is empty",
         )?;
-        pod.vm
-            .client
-            .remove_container("exec")
-            .map_err(|e| pod.fail(format!("RemoveContainer: {e}")))
+        pod.remove("exec")
     })
 }
 
@@ -551,10 +562,7 @@ fn sigterm_gives_143() -> Result<(), Failed> {
                 wait.exit_status
             ),
         )?;
-        pod.vm
-            .client
-            .remove_container("sig")
-            .map_err(|e| pod.fail(format!("RemoveContainer: {e}")))
+        pod.remove("sig")
     })
 }
 
@@ -597,10 +605,7 @@ fn tty_resize_seen_by_process() -> Result<(), Failed> {
             wait.exit_status == 0,
             format!("tty process exit status {}", wait.exit_status),
         )?;
-        pod.vm
-            .client
-            .remove_container("tty")
-            .map_err(|e| pod.fail(format!("RemoveContainer: {e}")))
+        pod.remove("tty")
     })
 }
 
@@ -635,10 +640,7 @@ fn memory_limit_oom_kills() -> Result<(), Failed> {
         pod.check(wait.oom_killed, "WaitProcess does not say oom_killed")?;
         let saw_oom = pod.events_until(|k| matches!(k, Kind::Oom(o) if o.container_id == "oom"))?;
         pod.check(saw_oom, "no OomKilled event for the container")?;
-        pod.vm
-            .client
-            .remove_container("oom")
-            .map_err(|e| pod.fail(format!("RemoveContainer: {e}")))
+        pod.remove("oom")
     })
 }
 
@@ -1346,4 +1348,55 @@ fn link_names(text: &str) -> Vec<String> {
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_string())
         .collect()
+}
+
+/// A container's process must not reach the agent: its ports are vsock only, the guest
+/// has no vsock loopback (its own CID, or CID 1), and the host does not listen on the
+/// agent's port numbers. A host port that does listen is the control: the probe can
+/// connect at all.
+fn containers_cannot_reach_the_agent_api() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let control = cocoon_integration::vsock::host_port_path(&pod.vm.vsock, 5555);
+        let _ = std::fs::remove_file(&control);
+        let listener = std::os::unix::net::UnixListener::bind(&control)
+            .map_err(|e| format!("control listener {}: {e}", control.display()))?;
+        let targets = ["1 1024", "3 1024", "3 1025", "2 1024", "2 1025", "2 5555"];
+        let script: String = targets
+            .iter()
+            .map(|t| {
+                format!("echo \"{t}: $(/bin/cocoon-vsock-probe expect-unreachable {t} 2>&1)\"; ")
+            })
+            .collect();
+        let mut out = None;
+        pod.run(
+            "novsock",
+            SpecBuilder::new(&["sh", "-c", &script]),
+            stdout_only(),
+            |p| {
+                out = Some(p.stdout("novsock", "")?);
+                Ok(())
+            },
+        )?;
+        let text = pod.read_all(out.ok_or("no stdout stream")?, "probe output")?;
+        drop(listener);
+        let _ = std::fs::remove_file(&control);
+        for t in &targets[..5] {
+            pod.check(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{t}: UNREACHABLE-OK"))),
+                format!("a container reached vsock {t} (CID PORT):\n{text}"),
+            )?;
+        }
+        pod.check(
+            text.lines()
+                .any(|l| l.starts_with("2 5555: FAIL connected")),
+            format!("control: the probe could not reach a listening host port:\n{text}"),
+        )?;
+        let wait = pod.wait("novsock", "")?;
+        pod.check(
+            wait.exit_status == 0,
+            format!("probe script exit {}", wait.exit_status),
+        )?;
+        pod.remove("novsock")
+    })
 }

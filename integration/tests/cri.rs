@@ -627,7 +627,12 @@ fn write_configmap(dir: &Path, generation: u32, data: &[(&str, &str)]) -> anyhow
 
 /// A configmap-style volume updated on the host shows up in the running container.
 fn configmap_update(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
-    let dir: PathBuf = env.ctrd.volumes.join(format!("configmap-{}", rt.handler));
+    // Where the kubelet puts a configmap volume: the runtime recognises configmaps,
+    // secrets and tokens by this layout (a plain host directory is a hostPath).
+    let dir: PathBuf = env.ctrd.volumes.join(format!(
+        "pods/configmap-{}/volumes/kubernetes.io~configmap/settings",
+        rt.handler
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let result = (|| {

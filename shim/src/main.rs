@@ -14,6 +14,7 @@
 
 mod convert;
 mod logging;
+mod publisher;
 mod service;
 mod start;
 
@@ -24,6 +25,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use containerd_shim as shim;
 use shim::protos::ttrpc::Server;
@@ -162,9 +164,14 @@ fn serve(flags: &shim::Flags) -> Result<(), String> {
     };
     let ttrpc_address =
         std::env::var("TTRPC_ADDRESS").map_err(|_| "TTRPC_ADDRESS is not set".to_string())?;
-    let publisher = shim::publisher::RemotePublisher::new(&ttrpc_address)
+    let remote = shim::publisher::RemotePublisher::new(&ttrpc_address)
         .map_err(|e| format!("connecting to containerd's event service {ttrpc_address}: {e}"))?;
-    let task = service::TaskService::new(config, publisher, &flags.namespace);
+    let publisher = Arc::new(publisher::Publisher::start(
+        &ttrpc_address,
+        &flags.namespace,
+        Some(remote),
+    ));
+    let task = service::TaskService::new(config, publisher.clone());
     let exit = task.exit.clone();
     let task: Arc<dyn shim::protos::shim_sync::Task + Send + Sync> = Arc::new(task);
 
@@ -181,6 +188,10 @@ fn serve(flags: &shim::Flags) -> Result<(), String> {
 
     exit.wait();
     info!("shutting down");
+    // The last events (the sandbox's exit and delete) must reach containerd.
+    if !publisher.flush(Duration::from_secs(5)) {
+        warn!("events still queued at exit: dropped");
+    }
     server.shutdown();
     if let Err(e) = std::fs::remove_file(&path) {
         warn!(socket = %path.display(), error = %e, "removing the shim socket");

@@ -14,32 +14,12 @@ use shim::{DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult};
 use tracing::{info, warn};
 
 use cocoon_runtime::config::Config;
-use cocoon_runtime::events::{EventSink, TaskEvent};
 use cocoon_runtime::spec;
 use cocoon_runtime::stdio::StdioPaths;
 use cocoon_runtime::task::{CreateRequest, RootfsMount, Service, TaskError};
 
 use crate::convert;
-
-/// Publishes the runtime's events to containerd.
-struct Publisher {
-    remote: RemotePublisher,
-    namespace: String,
-}
-
-impl EventSink for Publisher {
-    fn publish(&self, event: TaskEvent) {
-        let topic = event.topic();
-        if let Err(e) = self.remote.publish(
-            shim::Context::default(),
-            topic,
-            &self.namespace,
-            convert::event(&event),
-        ) {
-            warn!(topic, error = %e, "publishing event to containerd");
-        }
-    }
-}
+use crate::publisher::Publisher;
 
 /// The Task service of one pod.
 pub struct TaskService {
@@ -48,13 +28,9 @@ pub struct TaskService {
 }
 
 impl TaskService {
-    pub fn new(config: Config, publisher: RemotePublisher, namespace: &str) -> TaskService {
-        let sink = Arc::new(Publisher {
-            remote: publisher,
-            namespace: namespace.to_string(),
-        });
+    pub fn new(config: Config, publisher: Arc<Publisher>) -> TaskService {
         TaskService {
-            svc: Service::new(config, sink),
+            svc: Service::new(config, publisher),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -355,7 +331,10 @@ impl shim::Shim for CocoonShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        // Not used: `main` serves the Task API itself (see there).
         let config = Config::load_default().unwrap_or_default();
-        TaskService::new(config, publisher, &self.namespace)
+        let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+        let publisher = Publisher::start(&address, &self.namespace, Some(publisher));
+        TaskService::new(config, Arc::new(publisher))
     }
 }

@@ -243,7 +243,10 @@ impl Pump {
                 let mut buf = vec![0u8; COPY_BUF];
                 loop {
                     let n = match conn.read(&mut buf) {
-                        Ok(0) => {
+                        Ok(n) if n > 0 => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        // EOF, or a connection reset: either way the host's stdin ended.
+                        _ => {
                             if close_at_eof {
                                 let mut s = lock(&slot);
                                 if matches!(*s, Input::Open(_)) {
@@ -252,9 +255,6 @@ impl Pump {
                             }
                             break;
                         }
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => break,
                     };
                     // Hold the writer only while writing, so close_stdin closes at once.
                     let writer = match &*lock(&slot) {

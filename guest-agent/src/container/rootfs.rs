@@ -53,43 +53,11 @@ pub fn unmount(target: &Path) -> Result<()> {
     }
 }
 
-/// Whether `path` is a mount point (its device differs from its parent's, or it is
-/// bind-mounted: checked through /proc/self/mountinfo).
+/// Whether `path` is a mount point (checked through /proc/self/mountinfo, so bind
+/// mounts count too).
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let Some(want) = path.to_str() else {
-        return false;
-    };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| unescape_mountinfo(mp) == want)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = &bytes[i + 1..i + 4];
-            if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
-                let v = oct
-                    .iter()
-                    .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-                if let Ok(v) = u8::try_from(v) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|info| crate::storage::mounted_at(&info, path))
 }
 
 /// Whether "/" is the initramfs (rootfs): pivot_root(2) cannot move it, so containers
@@ -118,9 +86,6 @@ mod tests {
 
     #[test]
     fn mountinfo_helpers() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
         let initramfs = "1 1 0:2 / / rw - rootfs rootfs rw\n20 1 0:5 / /proc rw - proc proc rw\n";
         let disk = "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n";
         assert!(root_is_initramfs_in(initramfs));

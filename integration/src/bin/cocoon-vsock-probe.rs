@@ -10,6 +10,8 @@
 //!   send ADDR STREAMS BYTES         push BYTES per stream into a sink, report MB/s
 //!   recv ADDR STREAMS BYTES         pull BYTES per stream from a source, report MB/s
 //!   expect-reset PORT               connect to a vsock host port nobody listens on
+//!   expect-unreachable CID PORT     connect to CID:PORT must fail (a container must not
+//!                                   reach the agent's API)
 //!
 //! Results go to stdout as one line (`ECHO-OK ...`, `SEND-OK ...`, `RESET-OK`, `FAIL ...`).
 
@@ -44,9 +46,13 @@ fn addr_len() -> libc::socklen_t {
 }
 
 fn connect(port: u32) -> std::io::Result<std::fs::File> {
+    connect_cid(HOST_CID, port)
+}
+
+fn connect_cid(cid: u32, port: u32) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let fd = socket()?;
-    let addr = vsock_addr(HOST_CID, port);
+    let addr = vsock_addr(cid, port);
     // SAFETY: `addr` is a valid sockaddr_vm of the length we pass; `fd` is open.
     let rc = unsafe {
         libc::connect(
@@ -369,6 +375,10 @@ fn run(args: &[String]) -> Result<String, String> {
             }
             Err(e) => Err(format!("unexpected error {e}")),
             Ok(_) => Err("connected to a port nobody listens on".into()),
+        },
+        Some("expect-unreachable") => match connect_cid(arg(args, 1)?, arg(args, 2)?) {
+            Err(e) => Ok(format!("UNREACHABLE-OK {e}")),
+            Ok(_) => Err("connected".into()),
         },
         _ => Err("usage: see the source".into()),
     }
