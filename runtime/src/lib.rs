@@ -1,6 +1,7 @@
 //! Cocoon's host-side runtime library.
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod error;
