@@ -97,11 +97,13 @@ bench-agent: guest lab-kernel $(BUILD)/cocoon-vmm
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell
 
-# The main job, for what exists so far: install, build the guest image and cocoon-vmm,
-# boot the guest (inside the test lab on hosts whose KVM cannot boot Linux).
+# The main job: install what is missing, build kernel, agent, VMM and shim, start a private
+# containerd with the cocoon runtime and a CNI bridge, run a pod whose container prints its
+# kernel and hostname, show the output, clean up (inside the test lab on hosts whose KVM
+# cannot boot Linux).
 demo: deps guest lab-kernel
-	$(CARGO) build --locked -q -p cocoon-vmm
-	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-boot-guest
+	$(CARGO) build --locked -q -p cocoon-vmm -p containerd-shim-cocoon-v1
+	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-demo
 
 clean:
 	rm -rf $(BUILD)
