@@ -131,6 +131,31 @@ pub fn find_cocoon_shim(opts: &Options) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// What a cocoon pod needs before containerd starts: the shim, containerd, ctr and the
+/// given files. The error names the first thing missing and how to get it.
+pub fn preflight(opts: &Options, files: &[(&str, PathBuf)]) -> Result<(), String> {
+    if find_cocoon_shim(opts).is_none() {
+        return Err(format!(
+            "{COCOON_SHIM} not found in {:?}: build it with `cargo build -p \
+             containerd-shim-cocoon-v1` (or set COCOON_SHIM_DIR)",
+            opts.shim_dirs
+        ));
+    }
+    let tools = [
+        ("containerd", opts.containerd.clone()),
+        ("ctr", opts.ctr.clone()),
+    ];
+    for (what, p) in files.iter().cloned().chain(tools) {
+        if !p.is_file() {
+            return Err(format!(
+                "the {what} {} is missing: run `make deps guest`",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A running private containerd.
 pub struct Containerd {
     pub opts: Options,

@@ -86,28 +86,14 @@ fn options() -> Options {
 
 /// What the demo needs before any pod can run; checked before booting a lab.
 fn preflight(opts: &Options) -> anyhow::Result<()> {
-    if containerd::find_cocoon_shim(opts).is_none() {
-        bail!(
-            "{} not found in {:?}: build it with `cargo build -p containerd-shim-cocoon-v1` \
-             (or set COCOON_SHIM_DIR)",
-            containerd::COCOON_SHIM,
-            opts.shim_dirs
-        );
-    }
-    for (what, p) in [
-        ("guest kernel", paths::guest_vmlinux()),
-        ("guest initramfs", paths::guest_initramfs()),
-        ("containerd", opts.containerd.clone()),
-        ("ctr", opts.ctr.clone()),
-    ] {
-        if !p.is_file() {
-            bail!(
-                "the {what} {} is missing: run `make deps guest`",
-                p.display()
-            );
-        }
-    }
-    Ok(())
+    containerd::preflight(
+        opts,
+        &[
+            ("guest kernel", paths::guest_vmlinux()),
+            ("guest initramfs", paths::guest_initramfs()),
+        ],
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 fn main() -> ExitCode {
