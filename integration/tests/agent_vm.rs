@@ -296,6 +296,15 @@ impl Pod {
         Ok(s)
     }
 
+    /// Starts `process_json` in container `id` as exec `exec`.
+    fn exec(&self, id: &str, exec: &str, process_json: &[u8], stdio: Stdio) -> Result<(), Failed> {
+        self.vm
+            .client
+            .exec_process(id, exec, process_json, stdio)
+            .map(drop)
+            .map_err(|e| self.fail(format!("ExecProcess {id}/{exec}: {e}")))
+    }
+
     /// Runs `process` in container `id` as exec `exec` with stdout only; its output and
     /// exit status.
     fn exec_out(
@@ -304,10 +313,7 @@ impl Pod {
         exec: &str,
         process: &SpecBuilder,
     ) -> Result<(String, i32), Failed> {
-        self.vm
-            .client
-            .exec_process(id, exec, &process.process_json(), stdout_only())
-            .map_err(|e| self.fail(format!("ExecProcess {id}/{exec}: {e}")))?;
+        self.exec(id, exec, &process.process_json(), stdout_only())?;
         let out = self.stdout(id, exec)?;
         let text = self.read_all(out, &format!("stdout of {id}/{exec}"))?;
         let wait = self.wait(id, exec)?;
@@ -500,10 +506,7 @@ fn exec_into_running_container() -> Result<(), Failed> {
             "echo exec-sees-pid1=$(cat /proc/1/comm); exit 4",
         ])
         .process_json();
-        pod.vm
-            .client
-            .exec_process("exec", "e1", &process, stdout_only())
-            .map_err(|e| pod.fail(format!("ExecProcess: {e}")))?;
+        pod.exec("exec", "e1", &process, stdout_only())?;
         let out = pod.stdout("exec", "e1")?;
         let text = pod.read_all(out, "exec stdout")?;
         pod.check(
@@ -533,10 +536,7 @@ fn sigterm_gives_143() -> Result<(), Failed> {
         sleeper(pod, "sig")?;
         // An exec'd process, not the container's PID 1 (which ignores unhandled signals).
         let process = SpecBuilder::new(&["sleep", "100000"]).process_json();
-        pod.vm
-            .client
-            .exec_process("sig", "s1", &process, Stdio::default())
-            .map_err(|e| pod.fail(format!("ExecProcess: {e}")))?;
+        pod.exec("sig", "s1", &process, Stdio::default())?;
         pod.vm
             .client
             .signal_process("sig", "s1", 15, false)
@@ -582,10 +582,7 @@ fn tty_resize_seen_by_process() -> Result<(), Failed> {
             stdout: true,
             ..Default::default()
         };
-        pod.vm
-            .client
-            .exec_process("tty", "t1", &process, stdio)
-            .map_err(|e| pod.fail(format!("ExecProcess with a terminal: {e}")))?;
+        pod.exec("tty", "t1", &process, stdio)?;
         let out = pod.stdout("tty", "t1")?;
         pod.vm
             .client
@@ -670,10 +667,7 @@ fn stdin_eof_and_close_stdin() -> Result<(), Failed> {
             ..Default::default()
         };
         let cat = SpecBuilder::new(&["cat"]).process_json();
-        pod.vm
-            .client
-            .exec_process("stdio", "cat1", &cat, both.clone())
-            .map_err(|e| pod.fail(format!("ExecProcess cat1 with stdin: {e}")))?;
+        pod.exec("stdio", "cat1", &cat, both.clone())?;
         // More than a pipe holds, so the copy has to flow while we read.
         let input: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
         let mut stdin = pod.open("stdio", "cat1", Stream::Stdin)?;
@@ -715,10 +709,7 @@ fn stdin_eof_and_close_stdin() -> Result<(), Failed> {
 
         // Stdin requested but never attached: CloseStdin alone must give EOF.
         let cat = SpecBuilder::new(&["sh", "-c", "cat; echo cat2-saw-eof"]).process_json();
-        pod.vm
-            .client
-            .exec_process("stdio", "cat2", &cat, both)
-            .map_err(|e| pod.fail(format!("ExecProcess cat2 with stdin: {e}")))?;
+        pod.exec("stdio", "cat2", &cat, both)?;
         let out = pod.stdout("stdio", "cat2")?;
         pod.vm
             .client
@@ -769,10 +760,7 @@ fn stderr_is_its_own_stream() -> Result<(), Failed> {
             stderr: true,
             ..Default::default()
         };
-        pod.vm
-            .client
-            .exec_process("stdio", "both", &process, stdio)
-            .map_err(|e| pod.fail(format!("ExecProcess with stdout and stderr: {e}")))?;
+        pod.exec("stdio", "both", &process, stdio)?;
         let out = pod.stdout("stdio", "both")?;
         let err = pod.open("stdio", "both", Stream::Stderr)?;
         let err_reader = std::thread::spawn(move || read_to_end(err));

@@ -150,9 +150,9 @@ pub struct Dns {
     pub options: Vec<String>,
 }
 
-/// The spec's annotations.
-pub fn annotations(spec: &Value) -> HashMap<String, String> {
-    spec.get("annotations")
+/// The string entries of the JSON object at `pointer` (none when it is missing).
+fn string_map(spec: &Value, pointer: &str) -> HashMap<String, String> {
+    spec.pointer(pointer)
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
@@ -160,6 +160,11 @@ pub fn annotations(spec: &Value) -> HashMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The spec's annotations.
+pub fn annotations(spec: &Value) -> HashMap<String, String> {
+    string_map(spec, "/annotations")
 }
 
 /// Whether the spec is a CRI pod sandbox (the "pause" container).
@@ -206,14 +211,7 @@ pub fn hostname(spec: &Value) -> String {
 
 /// The spec's `linux.sysctl`.
 pub fn sysctls(spec: &Value) -> HashMap<String, String> {
-    spec.pointer("/linux/sysctl")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+    string_map(spec, "/linux/sysctl")
 }
 
 /// The host file a spec bind-mounts at `/etc/resolv.conf`, if any.
