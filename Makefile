@@ -3,10 +3,13 @@ SHELL := /bin/bash
 BUILD := build
 TARGET := x86_64-unknown-linux-gnu
 CARGO ?= cargo
+# Where `make install` puts binaries and guest files, and the runtime config it writes.
+PREFIX ?= /usr/local
+CONFIG ?= /etc/cocoon/config.toml
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps kernel lab-kernel rootfs guest build test test-unit test-vm test-lab test-cri \
-        lint bench bench-vmm bench-agent lab-shell demo clean FORCE
+.PHONY: all deps kernel lab-kernel rootfs guest build release install test test-unit test-vm \
+        test-lab test-cri lint bench bench-vmm bench-agent lab-shell demo clean FORCE
 
 all: guest build
 
@@ -54,6 +57,15 @@ guest: kernel rootfs
 build:
 	$(CARGO) build --locked --workspace --all-targets
 
+# The shim and the `cocoon` CLI as installed and benchmarked (the VMM: $(BUILD)/cocoon-vmm).
+release:
+	$(CARGO) build --release --locked -p containerd-shim-cocoon-v1 -p cocoon-runtime
+
+# The shim, VMM and CLI into $(PREFIX)/bin (containerd finds the shim in its PATH), the
+# guest kernel and initramfs into $(PREFIX)/share/cocoon, and $(CONFIG) unless it exists.
+install: guest release $(BUILD)/cocoon-vmm
+	PREFIX=$(PREFIX) CONFIG=$(CONFIG) BUILD=$(BUILD) scripts/install.sh
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
@@ -63,7 +75,8 @@ lint:
 # Unit tests and host-level end-to-end tests (the guest image under QEMU TCG, the lab runner).
 test-unit: guest lab-kernel
 	$(CARGO) test --locked --workspace --exclude cocoon-integration
-	$(CARGO) test --locked -p cocoon-integration --lib --bins --test guest_image --test agent
+	$(CARGO) test --locked -p cocoon-integration --lib --bins --test guest_image --test agent \
+	    --test install
 
 test-lab: lab-kernel guest
 	$(CARGO) test --locked -p cocoon-integration --test lab
@@ -83,8 +96,10 @@ test-cri: guest lab-kernel
 # The whole suite.
 test: lint test-unit test-lab test-vm test-cri
 
-bench: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
-	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration
+# Release binaries throughout: the static VMM and the release shim (target/release).
+bench: guest lab-kernel release $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
+	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm COCOON_SHIM_DIR=$(CURDIR)/target/release \
+	    $(CARGO) bench --locked -p cocoon-integration
 
 # cocoon-vmm against QEMU microvm: boots in the lab (or on hardware KVM), first KVM_RUN and RSS natively.
 bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
@@ -97,13 +112,14 @@ bench-agent: guest lab-kernel $(BUILD)/cocoon-vmm
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell
 
-# The main job: install what is missing, build kernel, agent, VMM and shim, start a private
-# containerd with the cocoon runtime and a CNI bridge, run a pod whose container prints its
-# kernel and hostname, show the output, clean up (inside the test lab on hosts whose KVM
-# cannot boot Linux).
-demo: deps guest lab-kernel
-	$(CARGO) build --locked -q -p cocoon-vmm -p containerd-shim-cocoon-v1
-	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-demo
+# The main job: install what is missing, build kernel, agent, VMM and shim, install them
+# (`make install`), start a private containerd with the cocoon runtime and a CNI bridge,
+# run a pod whose container prints its kernel and hostname, show the output, clean up
+# (inside the test lab on hosts whose KVM cannot boot Linux). It uses what was installed:
+# the shim from $(PREFIX)/bin, the runtime config $(CONFIG).
+demo: deps lab-kernel install
+	COCOON_SHIM_DIR=$(PREFIX)/bin COCOON_CONFIG=$(CONFIG) \
+	    $(CARGO) run --locked -q -p cocoon-integration --bin cocoon-demo
 
 clean:
 	rm -rf $(BUILD)

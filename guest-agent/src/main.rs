@@ -238,15 +238,25 @@ fn start_services(
     Ok(server)
 }
 
-/// Tells the host the API is up. A missing listener is logged, not fatal: the console
-/// line says the same, and a host may poll instead.
+/// Tells the host the API is up. A failed report is retried for a while (a host waits
+/// for it, and one lost connect must not cost a pod); in the end it is logged, not fatal.
 fn report_ready(addr: &Addr, ready: &ReadyLine) {
-    let sent = transport::connect_to(addr).and_then(|mut conn| {
-        conn.write_all(format!("{ready}\n").as_bytes())
-            .map_err(AgentError::io(format!("write ready line to {addr}")))
-    });
-    if let Err(e) = sent {
-        tracing::warn!("reporting ready: {e}");
+    const TRIES: u32 = 20;
+    let mut pause = std::time::Duration::from_millis(20);
+    for attempt in 1..=TRIES {
+        let sent = transport::connect_to(addr).and_then(|mut conn| {
+            conn.write_all(format!("{ready}\n").as_bytes())
+                .map_err(AgentError::io(format!("write ready line to {addr}")))
+        });
+        match sent {
+            Ok(()) => return,
+            Err(e) if attempt == TRIES => tracing::error!("reporting ready, giving up: {e}"),
+            Err(e) => {
+                tracing::warn!(attempt, "reporting ready: {e}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
     }
 }
 

@@ -513,7 +513,7 @@ pub mod pod_vm {
     use std::time::Duration;
 
     /// Boot to ready, generous for nested KVM under TCG.
-    pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+    pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
     /// Per-call agent timeout, generous for the same reason.
     pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -611,7 +611,12 @@ pub mod pod_vm {
                     .map_err(|e| format!("start cocoon-vmm in network namespace {ns}: {e}"))?,
                 None => vmm::start(&args).map_err(|e| format!("start cocoon-vmm: {e}"))?,
             };
-            let ready_line = match ready.wait(BOOT_TIMEOUT) {
+            let mut vm = vm;
+            let ready_line = ready.wait_while(BOOT_TIMEOUT, || match vm.exited() {
+                None => Ok(()),
+                Some(status) => Err(format!("cocoon-vmm ended ({status})")),
+            });
+            let ready_line = match ready_line {
                 Ok(r) => r,
                 Err(e) => {
                     // Kill the VMM first so the console file is complete.

@@ -125,6 +125,11 @@ impl RunningVmm {
         self.child.id()
     }
 
+    /// The exit status once the VMM has ended (`None` while it runs).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits for the VMM to exit, killing it after `timeout`.
     pub fn finish(mut self, timeout: Duration) -> std::io::Result<VmmOutcome> {
         let deadline = Instant::now() + timeout;

@@ -620,6 +620,9 @@ pub fn open_stdio(
     Ok(s)
 }
 
+/// How often [`ReadyListener::wait_while`] asks whether the guest is still there.
+const LIVENESS_POLL: Duration = Duration::from_millis(200);
+
 /// The listener the agent reports ready to: `<vsock socket>_1026`, bound before the VMM
 /// starts (the guest's connect fails at once when nothing listens). Removed on drop.
 #[derive(Debug)]
@@ -665,6 +668,16 @@ impl ReadyListener {
 
     /// Waits up to `timeout` for the agent to connect and send its ready line.
     pub fn wait(&self, timeout: Duration) -> Result<ReadyLine> {
+        self.wait_while(timeout, || Ok(()))
+    }
+
+    /// [`ReadyListener::wait`], giving up early when `alive` (asked a few times a second)
+    /// says why the guest can no longer report, e.g. "the VMM exited with status 1".
+    pub fn wait_while(
+        &self,
+        timeout: Duration,
+        mut alive: impl FnMut() -> std::result::Result<(), String>,
+    ) -> Result<ReadyLine> {
         let deadline = Instant::now() + timeout;
         let fail = |reason: String| AgentError::Ready {
             path: self.path.clone(),
@@ -678,7 +691,8 @@ impl ReadyListener {
                     if left.is_zero() {
                         return Err(fail(format!("the agent did not report within {timeout:?}")));
                     }
-                    poll_readable(self.listener.as_raw_fd(), left)
+                    alive().map_err(|why| fail(format!("no report: {why}")))?;
+                    poll_readable(self.listener.as_raw_fd(), left.min(LIVENESS_POLL))
                         .map_err(|e| fail(format!("poll: {e}")))?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -939,6 +953,26 @@ mod tests {
         let path = listener.path().to_path_buf();
         drop(listener);
         assert!(!path.exists(), "ready socket left behind");
+    }
+
+    #[test]
+    fn ready_wait_ends_early_when_the_guest_is_gone() {
+        let dir = tempdir();
+        let listener = ReadyListener::for_vsock(&dir.path().join("vm.sock")).expect("bind");
+        let t = std::time::Instant::now();
+        let mut asked = 0;
+        let e = listener
+            .wait_while(Duration::from_secs(30), || {
+                asked += 1;
+                if asked < 3 {
+                    Ok(())
+                } else {
+                    Err("the VMM exited with status 1".into())
+                }
+            })
+            .expect_err("no agent");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(e.to_string().contains("VMM exited with status 1"), "{e}");
     }
 
     #[test]

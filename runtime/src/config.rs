@@ -8,7 +8,7 @@
 //! vmm = "/usr/local/bin/cocoon-vmm"                     # the VMM binary
 //! kernel = "/usr/local/share/cocoon/vmlinux"            # guest kernel (ELF, PVH note)
 //! initramfs = "/usr/local/share/cocoon/initramfs.cpio"  # guest initramfs (the agent)
-//! kernel_cmdline = ""            # appended to the guest kernel command line
+//! kernel_cmdline = "quiet"       # appended to the guest kernel command line (see below)
 //! default_vcpus = 1              # a pod's vCPUs when nothing else says
 //! default_memory_mib = 256       # a pod's memory; also the guest's own share when limits are set
 //! max_vcpus = 16                 # no pod gets more
@@ -19,6 +19,10 @@
 //! state_dir = "/run/cocoon"      # per-sandbox directories: sockets, logs, pid files, disks
 //! log_level = "info"             # tracing filter for the shim: a level or `target=level,...`
 //! ```
+//!
+//! `quiet` keeps the guest's boot log (`console.log`, `cocoon console`) to warnings and
+//! errors: each console character costs a VM exit, which in the test lab made a pod start
+//! 2-3 s slower. `kernel_cmdline = ""` (or `"loglevel=7"`) brings the full log back.
 //!
 //! The guest files live under `/usr/local/share/cocoon` because they are installed by
 //! `make install`-style copies, not by a distribution package; the VMM sits beside other
@@ -96,7 +100,8 @@ pub struct Config {
     pub kernel: PathBuf,
     /// The guest initramfs (uncompressed cpio with the agent as /init).
     pub initramfs: PathBuf,
-    /// Extra guest kernel command-line parameters.
+    /// Extra guest kernel command-line parameters. `quiet` by default: every console
+    /// character is a VM exit, and a full boot log costs seconds under emulation.
     pub kernel_cmdline: String,
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
@@ -121,7 +126,7 @@ impl Default for Config {
             vmm: "/usr/local/bin/cocoon-vmm".into(),
             kernel: "/usr/local/share/cocoon/vmlinux".into(),
             initramfs: "/usr/local/share/cocoon/initramfs.cpio".into(),
-            kernel_cmdline: String::new(),
+            kernel_cmdline: "quiet".into(),
             default_vcpus: 1,
             default_memory_mib: 256,
             max_vcpus: 16,

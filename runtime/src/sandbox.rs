@@ -147,10 +147,22 @@ impl Pod {
         }
         let ready = ReadyListener::for_vsock(&vspec.vsock_socket)
             .map_err(TaskError::agent(ctx("ready listener")))?;
-        let vmm = vmm::start(&vspec).map_err(TaskError::runtime(ctx("starting the VMM")))?;
+        let mut vmm = vmm::start(&vspec).map_err(TaskError::runtime(ctx("starting the VMM")))?;
         let vmm_pid = vmm.pid();
         // The VMM holds the TAP now; ours closes with `net`.
-        let ready_line = ready.wait(READY_TIMEOUT);
+        let ready_line = ready.wait_while(READY_TIMEOUT, || {
+            if vmm.is_alive() {
+                Ok(())
+            } else {
+                let log = std::fs::read_to_string(&vspec.vmm_log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(format!(
+                    "the VMM (pid {vmm_pid}) ended; its log ends: {}",
+                    tail.join(" | ")
+                ))
+            }
+        });
         let vmm = Mutex::new(vmm);
         let fail_with_console = |e: TaskError| -> TaskError {
             let console = std::fs::read_to_string(&vspec.console_log).unwrap_or_default();

@@ -855,12 +855,15 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = spec(dir.path());
+        // Not the defaults: this host may have Cocoon installed there.
+        s.vmm_binary = dir.path().join("no-vmm");
+        s.kernel = dir.path().join("no-vmlinux");
         let e = start(&s).expect_err("no binary").to_string();
         assert!(e.contains("VMM binary") && e.contains("sb1"), "{e}");
         s.vmm_binary = "/bin/sh".into();
         let e = start(&s).expect_err("no kernel").to_string();
         assert!(
-            e.contains("guest kernel /usr/local/share/cocoon/vmlinux"),
+            e.contains(&format!("guest kernel {}", s.kernel.display())),
             "{e}"
         );
         s.kernel = "/bin/sh".into();

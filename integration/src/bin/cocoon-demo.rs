@@ -84,14 +84,27 @@ fn options() -> Options {
     opts
 }
 
+/// The runtime config the shims read: `$COCOON_CONFIG` (`make demo` names the installed
+/// one), else the private containerd writes one pointing at this build.
+fn runtime_config() -> Option<cocoon_runtime::config::Config> {
+    let path = PathBuf::from(std::env::var_os("COCOON_CONFIG")?);
+    Some(
+        cocoon_runtime::config::Config::load(&path).unwrap_or_else(|e| {
+            eprintln!("demo: {e}");
+            std::process::exit(1)
+        }),
+    )
+}
+
 /// What the demo needs before any pod can run; checked before booting a lab.
 fn preflight(opts: &Options) -> anyhow::Result<()> {
+    let (kernel, initramfs) = match runtime_config() {
+        Some(c) => (c.kernel, c.initramfs),
+        None => (paths::guest_vmlinux(), paths::guest_initramfs()),
+    };
     containerd::preflight(
         opts,
-        &[
-            ("guest kernel", paths::guest_vmlinux()),
-            ("guest initramfs", paths::guest_initramfs()),
-        ],
+        &[("guest kernel", kernel), ("guest initramfs", initramfs)],
     )
     .map_err(anyhow::Error::msg)
 }
@@ -151,10 +164,15 @@ fn main() -> ExitCode {
 /// The pod's whole life against a private containerd, which is removed at the end
 /// whatever happened.
 fn demo(opts: Options) -> anyhow::Result<()> {
+    let shim = containerd::find_cocoon_shim(&opts).unwrap_or_default();
+    let config = match std::env::var_os("COCOON_CONFIG") {
+        Some(c) => PathBuf::from(c).display().to_string(),
+        None => "one written for this build".into(),
+    };
     step(format!(
-        "starting a private containerd (runtime handler {COCOON:?} -> {}, CNI bridge) \
-         and importing {}",
-        containerd::COCOON_SHIM,
+        "starting a private containerd (runtime handler {COCOON:?} -> {}, runtime config {config}, \
+         CNI bridge) and importing {}",
+        shim.display(),
         image::BUSYBOX_REF
     ));
     let ctrd = Containerd::start(opts).context("starting the private containerd")?;

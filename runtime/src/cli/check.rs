@@ -88,6 +88,9 @@ pub fn failures(items: &[Item]) -> usize {
 
 /// Runs every check. `config` is the loaded configuration or why it could not be
 /// loaded (then the defaults are checked, and the configuration item fails).
+/// The shim binary containerd looks for, for `runtime_type = "io.containerd.cocoon.v1"`.
+const SHIM: &str = "containerd-shim-cocoon-v1";
+
 pub fn run(config: std::result::Result<(&Config, &Path), (String, &Path)>) -> Vec<Item> {
     let default = Config::default();
     let mut items = Vec::new();
@@ -137,9 +140,9 @@ pub fn run(config: std::result::Result<(&Config, &Path), (String, &Path)>) -> Ve
 
     items.push(containerd());
 
-    for (name, path, what, target) in [
-        ("kernel", &config.kernel, "guest kernel", "kernel"),
-        ("initramfs", &config.initramfs, "guest initramfs", "rootfs"),
+    for (name, path, what) in [
+        ("kernel", &config.kernel, "guest kernel"),
+        ("initramfs", &config.initramfs, "guest initramfs"),
     ] {
         items.push(Item::check(
             name,
@@ -149,10 +152,7 @@ pub fn run(config: std::result::Result<(&Config, &Path), (String, &Path)>) -> Ve
                 path.display(),
                 if path.is_file() { "present" } else { "missing" }
             ),
-            format!(
-                "build it (make {target}) and install it at {}, or set `{name}` in the config",
-                path.display()
-            ),
+            format!("build and install it (make install), or set `{name}` in the config",),
         ));
     }
 
@@ -169,9 +169,21 @@ pub fn run(config: std::result::Result<(&Config, &Path), (String, &Path)>) -> Ve
         vmm_ok,
         vmm_detail,
         format!(
-            "install cocoon-vmm at {} (chmod 0755), or set `vmm` in the config",
+            "install cocoon-vmm at {} (make install), or set `vmm` in the config",
             config.vmm.display()
         ),
+    ));
+
+    // containerd starts `containerd-shim-cocoon-v1` by name from its own PATH.
+    let shim = procfs::find_in_path(SHIM);
+    items.push(Item::check(
+        "shim",
+        shim.is_some(),
+        match &shim {
+            Some(p) => format!("{} (runtime_type io.containerd.cocoon.v1)", p.display()),
+            None => format!("{SHIM} not found in PATH"),
+        },
+        "make install (puts it in /usr/local/bin, in containerd's PATH)",
     ));
 
     for (program, package, use_) in [
