@@ -107,6 +107,37 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     })
 }
 
+/// [`run`] with `input` (small: it must fit the pipe, a few KiB) written to the command's
+/// stdin, for batch modes such as `tc -batch -`.
+pub(crate) fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<Output> {
+    use std::io::Write as _;
+    let line = command_line(cmd);
+    let spawn_err = |source| Error::Spawn {
+        program: line.clone(),
+        source,
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    // Written before waiting: the input fits the pipe, so this cannot block on the child.
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(input));
+    let output = child.wait_with_output().map_err(spawn_err)?;
+    if !output.status.success() {
+        return Err(Error::Command {
+            command: line,
+            status: output.status.to_string(),
+            stderr: tail(&String::from_utf8_lossy(&output.stderr), 2000),
+        });
+    }
+    match written {
+        Some(Err(source)) => Err(spawn_err(source)),
+        _ => Ok(output),
+    }
+}
+
 /// The last `max` bytes (at a char boundary) of `text`, trimmed: enough of a tool's
 /// stderr or a log to see why it failed, without flooding an event.
 pub(crate) fn tail(text: &str, max: usize) -> String {

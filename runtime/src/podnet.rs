@@ -21,19 +21,22 @@
 //! succeeds when the namespace is already gone.
 //!
 //! Links, addresses and routes are read with `ip -j` (JSON) and changed with `ip`/`tc`,
-//! all run through `nsenter --net=<netns>`, which works for any namespace path (not only
-//! named ones under /var/run/netns).
+//! each started inside the namespace (`setns` between fork and exec: any namespace path
+//! works, not only named ones under /var/run/netns). A pod start runs seven of them, the
+//! four tc changes as one `tc -batch`: every exec counts where a pod start is measured in
+//! emulated milliseconds.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::error::{run, Error, Result};
+use crate::error::{run, run_with_input, Error, Result};
 
 /// The name of the TAP Cocoon creates in a pod's network namespace.
 pub const TAP_NAME: &str = "cocoon-tap0";
@@ -105,16 +108,27 @@ pub fn netns_exists(netns: &Path) -> bool {
     magic == NSFS_MAGIC
 }
 
-/// A command run inside `netns`.
-fn in_netns(netns: &Path, program: &str) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns.display())).arg(program);
-    cmd
+/// `program` (`ip`, `tc`), to be run inside `netns`.
+fn in_netns(netns: &Path, program: &str) -> Result<Command> {
+    let ns = File::open(netns).map_err(Error::io("opening network namespace", netns))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: the hook runs in the forked child before exec and only makes the setns
+    // system call (async-signal-safe, no allocation) on an fd the closure owns; the fd
+    // is close-on-exec, so the program does not inherit it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }
 
-/// Runs `ip -j ARGS` in `netns` and parses its JSON array.
-fn ip_json(netns: &Path, args: &[&str]) -> Result<Vec<Value>> {
-    let out = run(in_netns(netns, "ip").arg("-j").args(args))?;
+/// Runs `PROGRAM -j ARGS` (`ip` or `tc`) in `netns` and parses its JSON array.
+fn json_of(netns: &Path, program: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let out = run(in_netns(netns, program)?.arg("-j").args(args))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Ok(Vec::new());
@@ -123,9 +137,14 @@ fn ip_json(netns: &Path, args: &[&str]) -> Result<Vec<Value>> {
         Ok(Value::Array(items)) => Ok(items),
         Ok(_) | Err(_) => Err(net_err(
             netns,
-            format!("`ip -j {}` printed no JSON array", args.join(" ")),
+            format!("`{program} -j {}` printed no JSON array", args.join(" ")),
         )),
     }
+}
+
+/// `ip -j ARGS` in `netns`.
+fn ip_json(netns: &Path, args: &[&str]) -> Result<Vec<Value>> {
+    json_of(netns, "ip", args)
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -207,10 +226,9 @@ fn parse_routes(entries: &[Value], veth: &str) -> Vec<Route> {
 /// The veth with its global addresses (CIDR) and routes.
 type Inspected = (Veth, Vec<String>, Vec<Route>);
 
-/// Reads the veth's link data, addresses and routes.
-fn inspect(netns: &Path) -> Result<Option<Inspected>> {
-    let links = ip_json(netns, &["link", "show"])?;
-    let Some(veth) = pick_veth(&links) else {
+/// Reads the veth's link data, addresses and routes (`links`: `ip -j link show`).
+fn inspect(netns: &Path, links: &[Value]) -> Result<Option<Inspected>> {
+    let Some(veth) = pick_veth(links) else {
         return Ok(None);
     };
     let addrs = ip_json(netns, &["addr", "show", "dev", &veth.name])?;
@@ -283,9 +301,10 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>> {
             "not a network namespace (gone, or never created)",
         ));
     }
+    let links = ip_json(netns, &["link", "show"])?;
     // A crashed earlier attempt may have left a TAP or qdiscs: start clean.
-    teardown(netns)?;
-    let Some((veth, addresses, routes)) = inspect(netns)? else {
+    clean(netns, &links)?;
+    let Some((veth, addresses, routes)) = inspect(netns, &links)? else {
         info!(netns = %netns.display(), "pod network namespace has no interface: no NIC");
         return Ok(None);
     };
@@ -314,18 +333,25 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>> {
 /// Brings the TAP up with the veth's MTU and adds the redirects both ways.
 fn redirect(netns: &Path, veth: &Veth) -> Result<()> {
     let mtu = veth.mtu.to_string();
-    run(in_netns(netns, "ip").args(["link", "set", "dev", TAP_NAME, "mtu", &mtu, "up"]))?;
-    for (from, to) in [
-        (veth.name.as_str(), TAP_NAME),
-        (TAP_NAME, veth.name.as_str()),
-    ] {
-        run(in_netns(netns, "tc").args(["qdisc", "add", "dev", from, "ingress"]))?;
-        run(in_netns(netns, "tc").args([
-            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-            "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-        ]))?;
-    }
+    run(in_netns(netns, "ip")?.args(["link", "set", "dev", TAP_NAME, "mtu", &mtu, "up"]))?;
+    run_with_input(
+        in_netns(netns, "tc")?.args(["-batch", "-"]),
+        redirect_batch(&veth.name, TAP_NAME).as_bytes(),
+    )?;
     Ok(())
+}
+
+/// The `tc -batch` lines that redirect every frame from `veth` to `tap` and back.
+fn redirect_batch(veth: &str, tap: &str) -> String {
+    let mut batch = String::new();
+    for (from, to) in [(veth, tap), (tap, veth)] {
+        batch.push_str(&format!(
+            "qdisc add dev {from} ingress\n\
+             filter add dev {from} parent ffff: protocol all u32 match u8 0 0 \
+             action mirred egress redirect dev {to}\n"
+        ));
+    }
+    batch
 }
 
 /// Removes what [`setup`] added in `netns`: the TAP and the ingress qdiscs (with their
@@ -335,30 +361,35 @@ pub fn teardown(netns: &Path) -> Result<()> {
         debug!(netns = %netns.display(), "pod network namespace gone: nothing to tear down");
         return Ok(());
     }
-    let links = ip_json(netns, &["link", "show"])?;
-    for link in &links {
-        let Some(name) = str_field(link, "ifname") else {
-            continue;
-        };
-        if name == "lo" {
-            continue;
+    clean(netns, &ip_json(netns, &["link", "show"])?)
+}
+
+/// [`teardown`] given the namespace's links (`ip -j link show`).
+fn clean(netns: &Path, links: &[Value]) -> Result<()> {
+    let has_tap = links
+        .iter()
+        .any(|l| str_field(l, "ifname") == Some(TAP_NAME));
+    if has_tap {
+        run(in_netns(netns, "ip")?.args(["link", "del", "dev", TAP_NAME]))?;
+        debug!(netns = %netns.display(), tap = TAP_NAME, "TAP removed");
+    }
+    for dev in ingress_devices(&json_of(netns, "tc", &["qdisc", "show"])?) {
+        if dev == TAP_NAME {
+            continue; // went with the TAP
         }
-        if name == TAP_NAME {
-            run(in_netns(netns, "ip").args(["link", "del", "dev", TAP_NAME]))?;
-            debug!(netns = %netns.display(), tap = TAP_NAME, "TAP removed");
-            continue;
-        }
-        let out = run(in_netns(netns, "tc").args(["-j", "qdisc", "show", "dev", name]))?;
-        let qdiscs: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let has_ingress = qdiscs
-            .as_array()
-            .is_some_and(|q| q.iter().any(|d| str_field(d, "kind") == Some("ingress")));
-        if has_ingress {
-            run(in_netns(netns, "tc").args(["qdisc", "del", "dev", name, "ingress"]))?;
-            debug!(netns = %netns.display(), dev = name, "ingress qdisc removed");
-        }
+        run(in_netns(netns, "tc")?.args(["qdisc", "del", "dev", &dev, "ingress"]))?;
+        debug!(netns = %netns.display(), dev, "ingress qdisc removed");
     }
     Ok(())
+}
+
+/// The devices with an ingress qdisc in a `tc -j qdisc show` answer.
+fn ingress_devices(qdiscs: &[Value]) -> Vec<String> {
+    qdiscs
+        .iter()
+        .filter(|q| str_field(q, "kind") == Some("ingress"))
+        .filter_map(|q| str_field(q, "dev").map(str::to_string))
+        .collect()
 }
 
 #[cfg(test)]
@@ -390,6 +421,32 @@ mod tests {
         assert!(pick_veth(&links[..2]).is_none());
         // Missing fields are no interface, not a panic.
         assert!(pick_veth(&[json!({"ifname": "eth0", "link_type": "ether"})]).is_none());
+    }
+
+    #[test]
+    fn redirect_batch_is_one_tc_command_per_line() {
+        let batch = redirect_batch("eth0", TAP_NAME);
+        let lines: Vec<&str> = batch.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "qdisc add dev eth0 ingress",
+                "filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev cocoon-tap0",
+                "qdisc add dev cocoon-tap0 ingress",
+                "filter add dev cocoon-tap0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0",
+            ]
+        );
+    }
+
+    #[test]
+    fn ingress_devices_of_a_qdisc_listing() {
+        let qdiscs = json!([
+            {"kind": "noqueue", "handle": "0:", "dev": "lo"},
+            {"kind": "ingress", "handle": "ffff:", "dev": "eth0", "parent": "ffff:fff1"},
+            {"kind": "fq_codel", "handle": "0:", "dev": "eth0"},
+            {"kind": "ingress", "handle": "ffff:"}
+        ]);
+        assert_eq!(ingress_devices(qdiscs.as_array().expect("array")), ["eth0"]);
     }
 
     #[test]
