@@ -9,7 +9,7 @@ CONFIG ?= /etc/cocoon/config.toml
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps kernel lab-kernel rootfs guest build release install test test-unit test-vm \
-        test-lab test-cri lint bench bench-vmm bench-agent lab-shell demo clean FORCE
+        test-lab test-cri lint bench bench-vmm bench-agent bench-cri lab-shell demo clean FORCE
 
 all: guest build
 
@@ -25,9 +25,11 @@ lab-kernel:
 	guest-kernel/build.sh lab $(BUILD)/lab
 
 # The agent, statically linked (libseccomp too): it is the guest's only userspace.
-# Optimised for size (7.1 vs 8.5 MB): it is unpacked and copied at every boot.
+# Optimised for size (8.5 MB -> 7.1 with opt-level s -> 6.3 with fat LTO): it is loaded,
+# unpacked and copied at every boot, and each copy is guest memory the pod touches.
 $(BUILD)/cocoon-agent: FORCE
-	CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=fat \
+	CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
 	    --target $(TARGET) -p cocoon-agent
@@ -108,6 +110,11 @@ bench-vmm: guest lab-kernel $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe
 # The guest agent inside a VM: exec round trip, container create+start.
 bench-agent: guest lab-kernel $(BUILD)/cocoon-vmm
 	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm $(CARGO) bench --locked -p cocoon-integration --bench agent
+
+# runc against cocoon through one private containerd's CRI (in the lab where needed).
+bench-cri: guest lab-kernel release $(BUILD)/cocoon-vmm
+	COCOON_VMM=$(CURDIR)/$(BUILD)/cocoon-vmm COCOON_SHIM_DIR=$(CURDIR)/target/release \
+	    $(CARGO) bench --locked -p cocoon-integration --bench cri
 
 lab-shell: lab-kernel
 	$(CARGO) run --locked -q -p cocoon-integration --bin cocoon-lab -- shell

@@ -254,6 +254,9 @@ struct Memory {
 struct Density {
     count: usize,
     stopped_by: String,
+    /// PSS of every host process the running pods added, per pod (pages shared between
+    /// pods, such as binaries and the guest kernel's file-backed text, split among them).
+    pss_per_pod_mib: f64,
 }
 
 struct Bench<'a> {
@@ -310,9 +313,13 @@ impl Bench<'_> {
         emit(
             out,
             format!(
-                "bench.idle_pod_pss_mib runc={:.1} cocoon={:.1} (cocoon guest touched {touched} MiB, \
-                 part of the VMM's PSS; processes: runc {}; cocoon {})",
-                memory[0].pss_mib, memory[1].pss_mib, memory[0].procs, memory[1].procs
+                "bench.idle_pod_pss_mib runc={:.1} cocoon={:.1} ratio={:.2} (one pod alone; cocoon \
+                 guest touched {touched} MiB, part of the VMM's PSS; processes: runc {}; cocoon {})",
+                memory[0].pss_mib,
+                memory[1].pss_mib,
+                memory[1].pss_mib / memory[0].pss_mib,
+                memory[0].procs,
+                memory[1].procs
             ),
         );
         let mut density = Vec::new();
@@ -335,10 +342,23 @@ impl Bench<'_> {
         emit(
             out,
             format!(
-                "bench.idle_pods runc={} cocoon={} (stopped by: runc {}; cocoon {}; \
+                "bench.idle_pod_pss_at_density_mib runc={:.1} cocoon={:.1} ratio={:.2} \
+                 (per pod with runc {} and cocoon {} idle pods running: shared pages split)",
+                density[0].pss_per_pod_mib,
+                density[1].pss_per_pod_mib,
+                density[1].pss_per_pod_mib / density[0].pss_per_pod_mib,
+                density[0].count,
+                density[1].count
+            ),
+        );
+        emit(
+            out,
+            format!(
+                "bench.idle_pods runc={} cocoon={} ratio={:.2} (stopped by: runc {}; cocoon {}; \
                  RunPodSandbox limit runc {:.1} s, cocoon {:.1} s: {rule})",
                 density[0].count,
                 density[1].count,
+                density[1].count as f64 / density[0].count.max(1) as f64,
                 density[0].stopped_by,
                 density[1].stopped_by,
                 limits[0].as_secs_f64(),
@@ -488,6 +508,11 @@ impl Bench<'_> {
     /// Idle pods one after another until one RunPodSandbox takes over `limit`,
     /// MemAvailable drops under 10% of MemTotal, a start fails, or `max` pods run.
     fn density(&mut self, handler: &str, max: usize, limit: Duration) -> anyhow::Result<Density> {
+        let needle = self.ctrd.base.display().to_string();
+        let before: BTreeSet<i32> = residue::processes_of(&needle, self.ctrd.pid())
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         let mut ids = Vec::new();
         let mut stopped_by = format!("max pods ({max})");
         while ids.len() < max {
@@ -511,8 +536,13 @@ impl Bench<'_> {
                         );
                         // The slow one started, but past the limit: not counted.
                         let count = ids.len() - 1;
+                        let pss_per_pod_mib = self.pss_per_pod(&needle, &before, ids.len());
                         self.remove_density(&ids)?;
-                        return Ok(Density { count, stopped_by });
+                        return Ok(Density {
+                            count,
+                            stopped_by,
+                            pss_per_pod_mib,
+                        });
                     }
                 }
                 Err(e) => {
@@ -522,8 +552,24 @@ impl Bench<'_> {
             }
         }
         let count = ids.len();
+        let pss_per_pod_mib = self.pss_per_pod(&needle, &before, count);
         self.remove_density(&ids)?;
-        Ok(Density { count, stopped_by })
+        Ok(Density {
+            count,
+            stopped_by,
+            pss_per_pod_mib,
+        })
+    }
+
+    /// The PSS of the processes that are not in `before`, divided among `pods`.
+    fn pss_per_pod(&self, needle: &str, before: &BTreeSet<i32>, pods: usize) -> f64 {
+        let kib: u64 = residue::processes_of(needle, self.ctrd.pid())
+            .iter()
+            .filter(|p| !before.contains(&p.pid))
+            // A process that ended meanwhile costs nothing.
+            .filter_map(|p| pss_kib_of(p.pid).ok())
+            .sum();
+        kib as f64 / 1024.0 / pods.max(1) as f64
     }
 
     fn remove_density(&mut self, ids: &[String]) -> anyhow::Result<()> {

@@ -619,9 +619,17 @@ pub mod pod_vm {
             let ready_line = match ready_line {
                 Ok(r) => r,
                 Err(e) => {
-                    // Kill the VMM first so the console file is complete.
-                    drop(vm);
-                    return Err(format!("{e}\n{}", transcript_of(dir.path())));
+                    // End the VMM first so the console file is complete; its stderr
+                    // says why a VMM refused to start.
+                    let stderr = vm
+                        .finish(std::time::Duration::from_secs(1))
+                        .map(|o| o.stderr)
+                        .unwrap_or_default();
+                    return Err(format!(
+                        "{e}\n{}\n--- vmm stderr ---\n{}",
+                        transcript_of(dir.path()),
+                        stderr.trim()
+                    ));
                 }
             };
             let client = AgentClient::connect(Endpoint::Vsock(vsock.clone()), CALL_TIMEOUT)
@@ -663,6 +671,19 @@ pub mod pod_vm {
                 .map_err(|e| format!("control swap slot {slot}: {e}"))?;
             if reply["ok"] != true {
                 return Err(format!("swap {} into slot {slot}: {reply}", path.display()));
+            }
+            Ok(())
+        }
+
+        /// Empties drive slot `slot` over the VMM's control socket.
+        pub fn eject(&self, slot: usize) -> Result<(), String> {
+            let vm = self.vm.as_ref().ok_or("the VM is gone")?;
+            let req = serde_json::json!({ "op": "eject", "slot": slot });
+            let reply = vm
+                .control(&req.to_string())
+                .map_err(|e| format!("control eject slot {slot}: {e}"))?;
+            if reply["ok"] != true {
+                return Err(format!("eject slot {slot}: {reply}"));
             }
             Ok(())
         }

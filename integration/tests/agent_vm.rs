@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 
 const IMAGE_MOUNT: &str = "/run/pod/image";
 const HOSTNAME: &str = "agent-vm-test";
-/// Writable slots: one per container the checks create (at most 18 with the image's).
-const WRITABLE_SLOTS: usize = 16;
+/// Writable slots for the containers alive at one time (a removed container's slot is
+/// used again); with the image's slot, the vsock and the NIC within cocoon-vmm's 18.
+const WRITABLE_SLOTS: usize = 8;
 /// Output and waits in the nested, emulated guest.
 const WAIT: Duration = Duration::from_secs(60);
 /// The guest NIC's MAC.
@@ -90,6 +91,10 @@ struct Pod {
     vm: PodVm,
     ns: PodNamespaces,
     next_slot: usize,
+    /// Slots whose container was removed and disk ejected.
+    free_slots: Vec<usize>,
+    /// Container id -> its writable disk's slot and guest mount point.
+    disks: std::collections::HashMap<String, (usize, String)>,
     net: Result<NetPod, String>,
     host_ctr: bool,
 }
@@ -206,6 +211,8 @@ fn boot_pod() -> Result<Pod, String> {
         vm,
         ns,
         next_slot: 1,
+        free_slots: Vec::new(),
+        disks: Default::default(),
         net,
         host_ctr: false,
     })
@@ -236,17 +243,21 @@ impl Pod {
     /// A fresh ext4 disk in the next writable slot, mounted for container `id`. Returns
     /// the host file and the guest mount point.
     fn writable(&mut self, id: &str) -> Result<(std::path::PathBuf, String), Failed> {
-        if self.next_slot >= self.vm.slots {
-            return Err(format!("no free drive slot for {id}: raise WRITABLE_SLOTS").into());
-        }
-        let slot = self.next_slot;
-        self.next_slot += 1;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None if self.next_slot < self.vm.slots => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => return Err(format!("no free drive slot for {id}: raise WRITABLE_SLOTS").into()),
+        };
         let file = self.vm.dir().join(format!("{id}.ext4"));
         writable_disk(&file, 64).map_err(|e| format!("writable disk for {id}: {e}"))?;
         let mount = format!("/run/pod/w-{id}");
         self.vm
             .add_disk(slot, &file, "ext4", false, &format!("w-{id}"), &mount)
             .map_err(|e| self.fail(e))?;
+        self.disks.insert(id.to_string(), (slot, mount.clone()));
         Ok((file, mount))
     }
 
@@ -335,11 +346,22 @@ impl Pod {
         Ok((text, wait.exit_status))
     }
 
-    fn remove(&self, id: &str) -> Result<(), Failed> {
+    /// Removes container `id`, unmounts its writable disk and ejects it: the slot is free
+    /// for the next container, as the runtime does it.
+    fn remove(&mut self, id: &str) -> Result<(), Failed> {
         self.vm
             .client
             .remove_container(id)
-            .map_err(|e| self.fail(format!("RemoveContainer {id}: {e}")))
+            .map_err(|e| self.fail(format!("RemoveContainer {id}: {e}")))?;
+        if let Some((slot, mount)) = self.disks.remove(id) {
+            self.vm
+                .client
+                .remove_storage(&mount)
+                .map_err(|e| self.fail(format!("RemoveStorage {mount}: {e}")))?;
+            self.vm.eject(slot).map_err(|e| self.fail(e))?;
+            self.free_slots.push(slot);
+        }
+        Ok(())
     }
 
     /// A sleeping container in the agent's own network and PID namespaces, with
@@ -471,7 +493,7 @@ fn overlay_container_output_exit_and_persistence() -> Result<(), Failed> {
             "echo hello-from-vm; echo host=$(hostname); echo persisted-data >/data.txt; sync; exit 7",
         ]);
         let mut out = None;
-        let (file, mount) = pod.run("persist", spec, stdout_only(), |p| {
+        let (file, _) = pod.run("persist", spec, stdout_only(), |p| {
             out = Some(p.stdout("persist", "")?);
             Ok(())
         })?;
@@ -486,11 +508,8 @@ fn overlay_container_output_exit_and_persistence() -> Result<(), Failed> {
             wait.exit_status == 7,
             format!("exit status {} (want 7)", wait.exit_status),
         )?;
+        // Also unmounts and ejects the writable disk: the host reads it afterwards.
         pod.remove("persist")?;
-        pod.vm
-            .client
-            .remove_storage(&mount)
-            .map_err(|e| pod.fail(format!("RemoveStorage {mount}: {e}")))?;
         let data = ext4_cat(&file, "/upper/data.txt").map_err(|e| format!("debugfs: {e}"))?;
         pod.check(
             data == "persisted-data\n",

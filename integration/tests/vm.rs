@@ -38,6 +38,10 @@ fn main() -> ExitCode {
             "vmm_control_pause_resume_stats_shutdown",
             vmm_control_pause_resume_stats_shutdown,
         ),
+        Trial::test(
+            "vmm_memory_the_guest_frees_goes_back_to_the_host",
+            vmm_memory_the_guest_frees_goes_back_to_the_host,
+        ),
         Trial::test("vmm_vsock_streams_both_ways", vmm_vsock_streams_both_ways),
         Trial::test(
             "vmm_vsock_slow_host_gets_all_guest_data",
@@ -386,6 +390,69 @@ fn vmm_control_pause_resume_stats_shutdown() -> Result<(), Failed> {
         &out,
     )?;
     check(!sock.exists(), "control socket left behind", &out)
+}
+
+/// Free page reporting end to end: a guest fills 64 MiB of its tmpfs root, deletes the
+/// file, and within seconds the host holds that much less of its memory.
+fn vmm_memory_the_guest_frees_goes_back_to_the_host() -> Result<(), Failed> {
+    const FILL_MIB: u64 = 64;
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("vmm.sock");
+    let init = busybox_initramfs(
+        dir.path(),
+        "filler",
+        &format!(
+            "dd if=/dev/zero of=/big bs=1M count={FILL_MIB} 2>/dev/null; echo FILLED; \
+             sleep 2; rm /big; echo FREED; \
+             while true; do sleep 1; done"
+        ),
+    )?;
+    let mut args = vmm_args(&init, "");
+    args.extend([
+        "--memory-mib".into(),
+        "256".into(),
+        "--control-socket".into(),
+        sock.display().to_string(),
+    ]);
+    let mut vm = vmm::start(&args)?;
+    let kib = |stats: &serde_json::Value, key: &str| stats["stats"][key].as_u64().unwrap_or(0);
+    if vm.wait_for(|l| l == "FILLED", BOOT_TIMEOUT).is_none() {
+        let out = vm.finish(Duration::from_secs(1))?;
+        return check(false, "guest never filled its memory", &out);
+    }
+    let filled = vm.control(r#"{"op":"stats"}"#)?;
+    let freed = vm.wait_for(|l| l == "FREED", Duration::from_secs(60));
+    // Linux reports freed blocks about 2 s later; the lab is slow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut after = vm.control(r#"{"op":"stats"}"#)?;
+    while kib(&filled, "guest_touched_kib")
+        < kib(&after, "guest_touched_kib") + FILL_MIB * 1024 * 3 / 4
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        after = vm.control(r#"{"op":"stats"}"#)?;
+    }
+    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let out = vm.finish(Duration::from_secs(30))?;
+    check(freed.is_some(), "guest did not delete its file", &out)?;
+    let what = format!("filled: {filled}\nafter: {after}");
+    check(
+        kib(&filled, "guest_touched_kib") >= FILL_MIB * 1024,
+        &format!("the guest's {FILL_MIB} MiB never reached the host: {what}"),
+        &out,
+    )?;
+    check(
+        kib(&after, "free_page_reported_kib") >= FILL_MIB * 1024 * 3 / 4
+            && kib(&after, "free_page_reports") > 0,
+        &format!("the guest reported too little free memory: {what}"),
+        &out,
+    )?;
+    check(
+        kib(&filled, "guest_touched_kib")
+            >= kib(&after, "guest_touched_kib") + FILL_MIB * 1024 * 3 / 4,
+        &format!("host memory did not drop by ~{FILL_MIB} MiB: {what}"),
+        &out,
+    )
 }
 
 fn vmm_guest_reboot_and_panic_end_the_vmm() -> Result<(), Failed> {

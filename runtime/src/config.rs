@@ -87,8 +87,9 @@ pub const ANNOTATION_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// The most vCPUs `cocoon-vmm` accepts (APIC IDs in the MP table).
 pub const VMM_MAX_VCPUS: u32 = 254;
-/// The most drive slots `cocoon-vmm` accepts.
-pub const VMM_MAX_DRIVE_SLOTS: u32 = 19;
+/// The most drive slots a pod VM can have: `cocoon-vmm` takes 18 virtio devices, and the
+/// vsock and the NIC are two of them.
+pub const VMM_MAX_DRIVE_SLOTS: u32 = 16;
 
 /// The node's Cocoon configuration. See the module documentation for the file format.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -460,7 +461,7 @@ state_dir = "/tmp/cocoon-state"
             ("default_vcpus = 20", "default_vcpus"),
             ("max_vcpus = 300", "max_vcpus"),
             ("default_memory_mib = 32", "default_memory_mib"),
-            ("drive_slots = 20", "drive_slots"),
+            ("drive_slots = 17", "drive_slots"),
             ("drive_slots = 0", "drive_slots"),
             ("writable_disk_size = \"1M\"", "writable_disk_size"),
             ("writable_disk_size = \"ten\"", "ten"),

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// vCPUs are described by an MP table with 8-bit APIC IDs; the IOAPIC takes the next ID.
 pub const MAX_VCPUS_MPTABLE: u32 = 254;
-/// Drive slots: each needs an MMIO window and an IOAPIC pin (5..=23; 4 is COM1).
-pub const MAX_DRIVES: usize = 19;
+/// Drive slots, vsock and net together: each needs an MMIO window and an IOAPIC pin
+/// (5..=23; 4 is COM1, and the last pin is the balloon's, which is always there).
+pub const MAX_DRIVES: usize = 18;
 /// The x86 kernel's COMMAND_LINE_SIZE.
 pub const MAX_CMDLINE: usize = 2048;
 

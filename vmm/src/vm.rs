@@ -6,6 +6,7 @@ use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::devices::serial::SerialConsole;
 use crate::devices::tap::Tap;
+use crate::devices::virtio_balloon::Balloon;
 use crate::devices::virtio_blk::{Backing, Block, BlockError};
 use crate::devices::virtio_mmio::{
     MmioTransport, VirtioDevice, MAX_NOTIFY_FDS, NOTIFY_TAG_BASE, QUEUE_NOTIFY_OFFSET,
@@ -94,6 +95,10 @@ pub struct Stats {
     pub vmm_rss_kib: u64,
     /// Guest memory pages the host has had to back so far.
     pub guest_touched_kib: u64,
+    /// Guest memory the guest reported free and the VMM dropped (virtio-balloon free
+    /// page reporting), and in how many reports.
+    pub free_page_reported_kib: u64,
+    pub free_page_reports: u64,
     pub slots: Vec<SlotStats>,
 }
 
@@ -106,6 +111,7 @@ pub struct SlotStats {
 }
 
 type Drive = Arc<Mutex<MmioTransport<Block>>>;
+type BalloonDevice = Arc<Mutex<MmioTransport<Balloon>>>;
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -119,6 +125,7 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     drives: Vec<Drive>,
+    balloon: BalloonDevice,
     paused: Mutex<bool>,
     exit_evt: EventFd,
     exit: Mutex<Option<VmExit>>,
@@ -129,6 +136,7 @@ pub struct Vm {
 struct Built {
     bus: Arc<Bus>,
     drives: Vec<Drive>,
+    balloon: BalloonDevice,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     io: EventLoop,
 }
@@ -141,7 +149,8 @@ pub fn kernel_cmdline(config: &VmConfig) -> String {
     let mut c = String::from("console=ttyS0 reboot=t panic=-1 pci=off acpi=off");
     let devices = config.drives.len()
         + usize::from(config.vsock.is_some())
-        + usize::from(config.net.is_some());
+        + usize::from(config.net.is_some())
+        + 1; // the balloon (free page reporting), always last
     for i in 0..devices {
         c += &format!(
             " virtio_mmio.device=4K@{:#x}:{}",
@@ -176,6 +185,7 @@ impl Vm {
         let Built {
             bus,
             drives,
+            balloon,
             vcpus,
             io,
         } = std::thread::scope(|scope| {
@@ -197,6 +207,7 @@ impl Vm {
             control: Arc::new(VcpuControl::default()),
             threads: Mutex::new(Vec::new()),
             drives,
+            balloon,
             paused: Mutex::new(false),
             exit_evt: EventFd::new(0).map_err(io_err("exit eventfd"))?,
             exit: Mutex::new(None),
@@ -320,6 +331,16 @@ impl Vm {
             let t = Arc::new(Mutex::new(t));
             add_virtio(&mut bus, &mut io, &mut index, t.clone(), t);
         }
+        // Free page reporting: notifications exit to this device on the vCPU thread (a
+        // report is a few madvise calls, seconds apart).
+        let gsi = VIRTIO_IRQ_BASE + index as u32;
+        let balloon = Arc::new(Mutex::new(MmioTransport::new(
+            Balloon::new(),
+            mem.clone(),
+            irq(vm, gsi)?,
+        )));
+        let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE;
+        bus.add_mmio(base, VIRTIO_MMIO_SIZE, balloon.clone());
         let bus = Arc::new(bus);
 
         // vCPU threads are kicked out of KVM_RUN with this signal to pause or stop.
@@ -340,6 +361,7 @@ impl Vm {
         Ok(Built {
             bus,
             drives,
+            balloon,
             vcpus,
             io,
         })
@@ -438,12 +460,18 @@ impl Vm {
     pub fn stats(&self) -> Stats {
         let touched = self.guest_touched_bytes();
         let rss = process_rss_bytes().unwrap_or(0);
+        let (reported, reports) = {
+            let b = lock(&self.balloon);
+            (b.device().reported_bytes(), b.device().reports())
+        };
         Stats {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             paused: *lock(&self.paused),
             vmm_rss_kib: rss.saturating_sub(touched) / 1024,
             guest_touched_kib: touched / 1024,
+            free_page_reported_kib: reported / 1024,
+            free_page_reports: reports,
             slots: self
                 .drives
                 .iter()

@@ -86,10 +86,10 @@ fn missing_disk_file() {
 fn too_many_slots() {
     let k = vmlinux();
     let mut args = vec!["--kernel", k.as_str()];
-    for _ in 0..20 {
+    for _ in 0..19 {
         args.extend(["--drive", "empty"]);
     }
-    assert_bad(run(&args), "at most 19");
+    assert_bad(run(&args), "at most 18");
 }
 
 #[test]

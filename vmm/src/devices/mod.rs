@@ -6,6 +6,7 @@
 pub mod segments;
 pub mod serial;
 pub mod tap;
+pub mod virtio_balloon;
 pub mod virtio_blk;
 pub mod virtio_mmio;
 pub mod virtio_net;
