@@ -547,6 +547,11 @@ impl Bench<'_> {
                 }
                 Err(e) => {
                     stopped_by = format!("RunPodSandbox {} failed: {e:#}", ids.len() + 1);
+                    // The shim logged the guest console of a VM that did not come up.
+                    eprintln!(
+                        "bench-cri: {handler}: {stopped_by}\n--- containerd log (last lines) ---\n{}",
+                        self.ctrd.log_tail(80)
+                    );
                     break;
                 }
             }
