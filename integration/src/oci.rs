@@ -718,6 +718,11 @@ pub mod pod_vm {
             transcript_of(self.dir.path())
         }
 
+        /// How the VMM ended, once it has (`None` while the VM runs).
+        pub fn ended(&mut self) -> Option<String> {
+            self.vm.as_mut()?.exited().map(|status| status.to_string())
+        }
+
         /// Asks the agent to power the VM off and waits for the VMM to end.
         pub fn shutdown(mut self) -> Result<vmm::VmmOutcome, String> {
             let vm = self.vm.take().ok_or("the VM is gone")?;

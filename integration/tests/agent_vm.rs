@@ -218,11 +218,36 @@ fn boot_pod() -> Result<Pod, String> {
     })
 }
 
-fn with_pod<T>(f: impl FnOnce(&mut Pod) -> Result<T, Failed>) -> Result<T, Failed> {
+/// Runs one check on the shared pod VM. If the check fails because the VM itself ended
+/// (the emulated lab resets a nested guest now and then, without a word on its console),
+/// that is printed with the guest's console, and the check runs once more on a new pod
+/// VM: a check that fails on a live VM, or twice, fails.
+fn with_pod<T>(mut f: impl FnMut(&mut Pod) -> Result<T, Failed>) -> Result<T, Failed> {
     let mut guard = POD.lock().unwrap_or_else(|p| p.into_inner());
-    match guard.get_or_insert_with(boot_pod_twice) {
-        Ok(pod) => f(pod),
-        Err(e) => Err(format!("the pod VM did not come up: {e}").into()),
+    let first = match guard.get_or_insert_with(boot_pod_twice) {
+        Ok(pod) => match f(pod) {
+            Ok(v) => return Ok(v),
+            Err(e) => match pod.vm.ended() {
+                None => return Err(e),
+                Some(status) => {
+                    format!("{}\nthe pod VM ended ({status})", e.message().unwrap_or(""))
+                }
+            },
+        },
+        Err(e) => return Err(format!("the pod VM did not come up: {e}").into()),
+    };
+    eprintln!("agent_vm: the pod VM ended during this check; on a new pod VM once more. First try:\n{first}");
+    // The old pod (and its network lab, whose names the new one reuses) goes first.
+    *guard = None;
+    *guard = Some(boot_pod_twice());
+    match guard.as_mut() {
+        Some(Ok(pod)) => f(pod).map_err(|e| {
+            format!("{}\n--- first try ---\n{first}", e.message().unwrap_or("")).into()
+        }),
+        Some(Err(e)) => {
+            Err(format!("the pod VM did not come up again: {e}\n--- first try ---\n{first}").into())
+        }
+        None => Err(first.into()),
     }
 }
 
