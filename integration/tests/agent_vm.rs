@@ -956,11 +956,19 @@ fn stats_from_cgroup_v2() -> Result<(), Failed> {
             line == "ready 8388608",
             format!("the container did not build its 8 MiB string: {line:?}"),
         )?;
-        let s = pod
-            .vm
-            .client
-            .stats_container("stats")
-            .map_err(|e| pod.fail(format!("StatsContainer: {e}")))?;
+        // "ready" comes just before the shell forks sleep: wait for the second process.
+        let deadline = Instant::now() + WAIT;
+        let s = loop {
+            let s = pod
+                .vm
+                .client
+                .stats_container("stats")
+                .map_err(|e| pod.fail(format!("StatsContainer: {e}")))?;
+            if s.pids_current >= 2 || Instant::now() >= deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let facts = format!("{s:?}");
         pod.check(
             s.memory_usage_bytes >= 8 * MIB,
