@@ -227,7 +227,7 @@ fn with_pod<T>(mut f: impl FnMut(&mut Pod) -> Result<T, Failed>) -> Result<T, Fa
     let first = match guard.get_or_insert_with(boot_pod_twice) {
         Ok(pod) => match f(pod) {
             Ok(v) => return Ok(v),
-            Err(e) => match pod.vm.ended() {
+            Err(e) => match pod.vm_end_within(Duration::from_secs(3)) {
                 None => return Err(e),
                 Some(status) => {
                     format!("{}\nthe pod VM ended ({status})", e.message().unwrap_or(""))
@@ -369,6 +369,21 @@ impl Pod {
         let text = self.read_all(out, &format!("stdout of {id}/{exec}"))?;
         let wait = self.wait(id, exec)?;
         Ok((text, wait.exit_status))
+    }
+
+    /// How the pod's VMM ended, if it has or does within `grace` (a guest reset shows first
+    /// as a broken agent connection, the VMM's exit follows).
+    fn vm_end_within(&mut self, grace: Duration) -> Option<String> {
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = self.vm.ended() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Removes container `id`, unmounts its writable disk and ejects it: the slot is free
