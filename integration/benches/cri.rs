@@ -18,9 +18,9 @@
 use anyhow::{anyhow, bail, Context};
 use cocoon_integration::containerd::{self, Containerd, Options, COCOON, RUNC};
 use cocoon_integration::cri::{self, Cri};
-use cocoon_integration::lab::{Job, Lab, Outcome};
+use cocoon_integration::lab::{Lab, Outcome};
 use cocoon_integration::stats::{median, quantile};
-use cocoon_integration::vmtest::{placement, Placement};
+use cocoon_integration::vmtest::{placement, run_self_in_lab, Placement};
 use cocoon_integration::{paths, residue, vmm};
 use k8s_cri::v1::PodSandboxConfig;
 use std::collections::BTreeSet;
@@ -153,25 +153,12 @@ fn in_the_lab() -> anyhow::Result<()> {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| room.clamp(lab.memory_mib, 16384));
     let out = tempfile::tempdir()?;
-    let exe = std::env::current_exe()?;
-    let mut argv = vec![exe.to_string_lossy().into_owned()];
-    argv.extend(std::env::args().skip(1));
-    let mut job = Job::new(argv);
-    job.timeout = Duration::from_secs(90 * 60);
-    job.out_dir = Some(out.path().to_path_buf());
-    let mut run = lab.run(&job)?;
-    if run.outcome == Outcome::Panicked {
-        eprintln!(
-            "bench-cri: the lab kernel panicked; retrying once\n{}",
-            run.console_tail(30)
-        );
-        run = lab.run(&job)?;
-    }
-    eprintln!(
-        "bench-cri: lab boot {:.1}s, total {:.1}s",
-        run.boot.map(|b| b.as_secs_f64()).unwrap_or(0.0),
-        run.wall.as_secs_f64()
-    );
+    let run = run_self_in_lab(
+        "bench-cri",
+        &lab,
+        Duration::from_secs(90 * 60),
+        Some(out.path().to_path_buf()),
+    )?;
     if run.outcome != Outcome::Exited(0) {
         bail!(
             "the bench inside the lab: {}\n--- last console lines ---\n{}",

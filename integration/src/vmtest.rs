@@ -5,9 +5,10 @@
 //! (PVM, no KVM) the same binary is run again, with the same arguments, inside one test-lab
 //! boot. The choice is printed; nothing is skipped silently.
 
-use crate::lab::{Job, Lab, Outcome};
+use crate::lab::{Job, Lab, LabRun, Outcome};
 use cocoon_runtime::host::{detect_kvm, Kvm};
 use libtest_mimic::{Arguments, Trial};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -45,16 +46,38 @@ pub fn rerun_in_lab(what: &str, timeout: Duration) -> ExitCode {
 }
 
 fn try_rerun_in_lab(what: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let lab = Lab::from_build()?;
+    let run = run_self_in_lab(what, &Lab::from_build()?, timeout, None)?;
+    match &run.outcome {
+        Outcome::Exited(0) => Ok(ExitCode::SUCCESS),
+        Outcome::Exited(c) => Ok(ExitCode::from(u8::try_from(*c).unwrap_or(1).max(1))),
+        other => {
+            anyhow::bail!(
+                "{other}\n--- last console lines ---\n{}",
+                run.console_tail(40)
+            )
+        }
+    }
+}
+
+/// Runs this executable again, with the same arguments, inside one boot of `lab` (`out_dir`:
+/// where the lab's `$COCOON_LAB_OUT` comes back to) and prints the boot and total time. A
+/// panicked lab kernel is retried once: seen rarely, QEMU's TCG executing stale code after
+/// the lab kernel patches its own text (a fault of the emulated machine, not of the work
+/// inside it).
+pub fn run_self_in_lab(
+    what: &str,
+    lab: &Lab,
+    timeout: Duration,
+    out_dir: Option<PathBuf>,
+) -> anyhow::Result<LabRun> {
     let exe = std::env::current_exe()?;
     let mut argv = vec![exe.to_string_lossy().into_owned()];
     argv.extend(std::env::args().skip(1));
     let mut job = Job::new(argv);
     job.timeout = timeout;
+    job.out_dir = out_dir;
     let mut run = lab.run(&job)?;
     if run.outcome == Outcome::Panicked {
-        // Seen rarely: QEMU's TCG executing stale code after the lab kernel patches its
-        // own text (a fault of the emulated machine, not of the work inside it).
         eprintln!(
             "{what}: the lab kernel panicked; retrying once\n--- last console lines ---\n{}",
             run.console_tail(30)
@@ -71,16 +94,7 @@ fn try_rerun_in_lab(what: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    match &run.outcome {
-        Outcome::Exited(0) => Ok(ExitCode::SUCCESS),
-        Outcome::Exited(c) => Ok(ExitCode::from(u8::try_from(*c).unwrap_or(1).max(1))),
-        other => {
-            anyhow::bail!(
-                "{other}\n--- last console lines ---\n{}",
-                run.console_tail(40)
-            )
-        }
-    }
+    Ok(run)
 }
 
 /// Runs `trials` where KVM is real: here, or inside the test lab (one boot for all).

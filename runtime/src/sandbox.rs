@@ -154,27 +154,15 @@ impl Pod {
             if vmm.is_alive() {
                 Ok(())
             } else {
-                let log = std::fs::read_to_string(&vspec.vmm_log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 Err(format!(
                     "the VMM (pid {vmm_pid}) ended; its log ends: {}",
-                    tail.join(" | ")
+                    last_lines(&vspec.vmm_log, 5).join(" | ")
                 ))
             }
         });
         let vmm = Mutex::new(vmm);
         let fail_with_console = |e: TaskError| -> TaskError {
-            let console = std::fs::read_to_string(&vspec.console_log).unwrap_or_default();
-            let tail: String = console
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let tail = last_lines(&vspec.console_log, 20).join("\n");
             if !tail.is_empty() {
                 error!(sandbox = id, console = %tail, "guest console at failure");
             }
@@ -528,6 +516,16 @@ fn wait_pid_exit(pid: u32) {
             return;
         }
     }
+}
+
+/// The last `n` lines of a log file (none if it cannot be read), for failure reports.
+fn last_lines(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 #[cfg(test)]
