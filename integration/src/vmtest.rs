@@ -7,9 +7,10 @@
 
 use crate::lab::{Job, Lab, LabRun, Outcome};
 use cocoon_runtime::host::{detect_kvm, Kvm};
-use libtest_mimic::{Arguments, Trial};
+use libtest_mimic::{Arguments, Failed, Trial};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Where guest-booting work runs.
@@ -97,6 +98,32 @@ pub fn run_self_in_lab(
     Ok(run)
 }
 
+/// `name: first line of why` of every failed [`test`], for the end of the run.
+static FAILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// A VM test whose failure [`main`] repeats in one line at the end of the run, where a CI
+/// log's tail shows it (the full report is printed in its place, far above).
+pub fn test(name: &'static str, f: fn() -> Result<(), Failed>) -> Trial {
+    Trial::test(name, move || {
+        f().inspect_err(|e| {
+            let why = e.message().and_then(|m| m.lines().next()).unwrap_or("");
+            FAILED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("{name}: {why}"));
+        })
+    })
+}
+
+/// Runs libtest-mimic, then the one-line reasons of the failed [`test`]s.
+fn run(args: &Arguments, trials: Vec<Trial>) -> ExitCode {
+    let code = libtest_mimic::run(args, trials).exit_code();
+    for line in FAILED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        eprintln!("failed: {line}");
+    }
+    code
+}
+
 /// Runs `trials` where KVM is real: here, or inside the test lab (one boot for all).
 pub fn main(trials: Vec<Trial>) -> ExitCode {
     let mut args = Arguments::from_args();
@@ -116,7 +143,7 @@ pub fn main(trials: Vec<Trial>) -> ExitCode {
                 "directly on this host"
             };
             eprintln!("vm tests: {kvm}: running {place}");
-            libtest_mimic::run(&args, trials).exit_code()
+            run(&args, trials)
         }
         Placement::Broken { kvm } => {
             eprintln!(

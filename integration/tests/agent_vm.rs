@@ -23,8 +23,9 @@ use cocoon_integration::oci::{
 };
 use cocoon_integration::paths;
 use cocoon_integration::testguest::ext4_cat;
+use cocoon_integration::vmtest::test;
 use cocoon_runtime::agent::{Rootfs, SetupNetworkRequest, SetupSandboxRequest, Stdio};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use std::io::{BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -103,43 +104,43 @@ static POD: Mutex<Option<Result<Pod, String>>> = Mutex::new(None);
 
 fn main() -> ExitCode {
     let code = cocoon_integration::vmtest::main(vec![
-        Trial::test("agent_vm_hello_and_sandbox", hello_and_sandbox),
-        Trial::test(
+        test("agent_vm_hello_and_sandbox", hello_and_sandbox),
+        test(
             "agent_vm_overlay_container_output_exit_and_persistence",
             overlay_container_output_exit_and_persistence,
         ),
-        Trial::test(
+        test(
             "agent_vm_exec_into_running_container",
             exec_into_running_container,
         ),
-        Trial::test("agent_vm_sigterm_gives_143", sigterm_gives_143),
-        Trial::test(
+        test("agent_vm_sigterm_gives_143", sigterm_gives_143),
+        test(
             "agent_vm_tty_resize_seen_by_process",
             tty_resize_seen_by_process,
         ),
-        Trial::test("agent_vm_memory_limit_oom_kills", memory_limit_oom_kills),
-        Trial::test(
+        test("agent_vm_memory_limit_oom_kills", memory_limit_oom_kills),
+        test(
             "agent_vm_stdin_eof_and_close_stdin",
             stdin_eof_and_close_stdin,
         ),
-        Trial::test(
+        test(
             "agent_vm_stderr_is_its_own_stream",
             stderr_is_its_own_stream,
         ),
-        Trial::test("agent_vm_tty_init_process", tty_init_process),
-        Trial::test("agent_vm_stats_from_cgroup_v2", stats_from_cgroup_v2),
-        Trial::test(
+        test("agent_vm_tty_init_process", tty_init_process),
+        test("agent_vm_stats_from_cgroup_v2", stats_from_cgroup_v2),
+        test(
             "agent_vm_update_limits_seen_inside",
             update_limits_seen_inside,
         ),
-        Trial::test("agent_vm_pause_freezes_resume_continues", pause_and_resume),
-        Trial::test("agent_vm_root_is_pivoted_overlay", root_is_pivoted_overlay),
-        Trial::test("agent_vm_setup_network_pod_netns", setup_network_pod_netns),
-        Trial::test(
+        test("agent_vm_pause_freezes_resume_continues", pause_and_resume),
+        test("agent_vm_root_is_pivoted_overlay", root_is_pivoted_overlay),
+        test("agent_vm_setup_network_pod_netns", setup_network_pod_netns),
+        test(
             "agent_vm_containers_cannot_reach_the_agent_api",
             containers_cannot_reach_the_agent_api,
         ),
-        Trial::test("agent_vm_shutdown_powers_off", shutdown_powers_off),
+        test("agent_vm_shutdown_powers_off", shutdown_powers_off),
     ]);
     // A run filtered to some trials leaves the VM up: end it (killed on drop).
     let leftover = POD.lock().map(|mut p| p.take()).unwrap_or(None);

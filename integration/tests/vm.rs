@@ -6,49 +6,50 @@ use cocoon_integration::qemu::{boot_guest, Accel, GuestSpec};
 use cocoon_integration::testguest::{
     busybox_initramfs, busybox_initramfs_with, ext4_cat, ext4_image,
 };
+use cocoon_integration::vmtest::test;
 use cocoon_integration::{paths, vmm};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::Failed;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
     cocoon_integration::vmtest::main(vec![
-        Trial::test("kvm_runs_real_mode_code", kvm_runs_real_mode_code),
-        Trial::test(
+        test("kvm_runs_real_mode_code", kvm_runs_real_mode_code),
+        test(
             "guest_image_boots_under_qemu_kvm",
             guest_image_boots_under_qemu_kvm,
         ),
-        Trial::test("vmm_boots_guest_to_ready", vmm_boots_guest_to_ready),
-        Trial::test("vmm_smp_guest_sees_all_vcpus", vmm_smp_guest_sees_all_vcpus),
-        Trial::test(
+        test("vmm_boots_guest_to_ready", vmm_boots_guest_to_ready),
+        test("vmm_smp_guest_sees_all_vcpus", vmm_smp_guest_sees_all_vcpus),
+        test(
             "vmm_ext4_write_survives_shutdown",
             vmm_ext4_write_survives_shutdown,
         ),
-        Trial::test(
+        test(
             "vmm_read_only_disk_rejects_writes",
             vmm_read_only_disk_rejects_writes,
         ),
-        Trial::test(
+        test(
             "vmm_drive_swapped_into_empty_slot",
             vmm_drive_swapped_into_empty_slot,
         ),
-        Trial::test(
+        test(
             "vmm_control_pause_resume_stats_shutdown",
             vmm_control_pause_resume_stats_shutdown,
         ),
-        Trial::test(
+        test(
             "vmm_memory_the_guest_frees_goes_back_to_the_host",
             vmm_memory_the_guest_frees_goes_back_to_the_host,
         ),
-        Trial::test("vmm_vsock_streams_both_ways", vmm_vsock_streams_both_ways),
-        Trial::test(
+        test("vmm_vsock_streams_both_ways", vmm_vsock_streams_both_ways),
+        test(
             "vmm_vsock_slow_host_gets_all_guest_data",
             vmm_vsock_slow_host_gets_all_guest_data,
         ),
-        Trial::test("vmm_net_tcp_both_ways", vmm_net_tcp_both_ways),
-        Trial::test(
+        test("vmm_net_tcp_both_ways", vmm_net_tcp_both_ways),
+        test(
             "vmm_guest_reboot_and_panic_end_the_vmm",
             vmm_guest_reboot_and_panic_end_the_vmm,
         ),
