@@ -715,7 +715,22 @@ pub mod pod_vm {
 
         /// The last lines of the guest console and of the VMM log, for failure messages.
         pub fn transcript(&self) -> String {
-            transcript_of(self.dir.path())
+            let mut t = transcript_of(self.dir.path());
+            if let Some(vm) = &self.vm {
+                let stats = vmm::control_request_within(
+                    &self.dir.path().join("control.sock"),
+                    r#"{"op":"stats"}"#,
+                    Duration::from_secs(5),
+                )
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| format!("no answer: {e}"));
+                t.push_str(&format!(
+                    "\n--- vmm threads (pid {}) ---\n{}\n--- vmm stats ---\n{stats}",
+                    vm.pid(),
+                    vmm::thread_report(vm.pid())
+                ));
+            }
+            t
         }
 
         /// How the VMM ended, once it has (`None` while the VM runs).

@@ -172,6 +172,15 @@ impl Drop for RunningVmm {
 
 /// One request on a control socket, retried briefly while the VMM creates the socket.
 pub fn control_request(path: &Path, request: &str) -> std::io::Result<serde_json::Value> {
+    control_request_within(path, request, Duration::from_secs(30))
+}
+
+/// [`control_request`], waiting at most `timeout` for the answer.
+pub fn control_request_within(
+    path: &Path,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let stream = loop {
         match UnixStream::connect(path) {
@@ -183,10 +192,77 @@ pub fn control_request(path: &Path, request: &str) -> std::io::Result<serde_json
             Err(e) => return Err(e),
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut w = stream.try_clone()?;
     w.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// One thread of a process, as /proc shows it.
+struct ThreadSample {
+    name: String,
+    state: char,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    wchan: String,
+}
+
+fn sample_threads(pid: u32) -> Vec<(String, ThreadSample)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let tid = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The fields after the command name, which may itself hold spaces and ')'.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        out.push((
+            tid,
+            ThreadSample {
+                name: read("comm").trim().to_string(),
+                state: rest.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+                // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+                cpu_ticks: field(11) + field(12),
+                wchan: read("wchan"),
+            },
+        ));
+    }
+    out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    out
+}
+
+/// What each thread of process `pid` does over one second: state, CPU ticks used in
+/// that second and where it sleeps. For a VM that stopped answering, this tells a
+/// spinning or halted guest (vCPU threads) from a stuck device thread.
+pub fn thread_report(pid: u32) -> String {
+    let before = sample_threads(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sample_threads(pid);
+    if after.is_empty() {
+        return format!("(no threads of pid {pid} in /proc)");
+    }
+    let lines: Vec<String> = after
+        .iter()
+        .map(|(tid, t)| {
+            let used = before
+                .iter()
+                .find(|(b, _)| b == tid)
+                .map(|(_, b)| t.cpu_ticks.saturating_sub(b.cpu_ticks))
+                .unwrap_or(0);
+            format!(
+                "{tid} {:<12} {} cpu {used:>3} ticks/s wchan {}",
+                t.name, t.state, t.wchan
+            )
+        })
+        .collect();
+    lines.join("\n")
 }

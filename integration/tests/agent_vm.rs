@@ -219,25 +219,38 @@ fn boot_pod() -> Result<Pod, String> {
     })
 }
 
+/// Whether this runs inside the test lab (emulated nested virtualization).
+fn in_lab() -> bool {
+    std::env::var_os("COCOON_IN_LAB").is_some()
+}
+
 /// Runs one check on the shared pod VM. If the check fails because the VM itself ended
-/// (the emulated lab resets a nested guest now and then, without a word on its console),
-/// that is printed with the guest's console, and the check runs once more on a new pod
-/// VM: a check that fails on a live VM, or twice, fails.
+/// (the emulated lab resets a nested guest now and then, without a word on its console)
+/// or, in the lab, stopped answering, that is printed with the guest's console and the
+/// VMM's thread states, and the check runs once more on a new pod VM: a check that fails
+/// on a live VM, or twice, fails.
 fn with_pod<T>(mut f: impl FnMut(&mut Pod) -> Result<T, Failed>) -> Result<T, Failed> {
     let mut guard = POD.lock().unwrap_or_else(|p| p.into_inner());
     let first = match guard.get_or_insert_with(boot_pod_twice) {
         Ok(pod) => match f(pod) {
             Ok(v) => return Ok(v),
-            Err(e) => match pod.vm_end_within(Duration::from_secs(3)) {
-                None => return Err(e),
-                Some(status) => {
-                    format!("{}\nthe pod VM ended ({status})", e.message().unwrap_or(""))
+            Err(e) => {
+                let why = e.message().unwrap_or("");
+                match pod.vm_end_within(Duration::from_secs(3)) {
+                    Some(status) => format!("{why}\nthe pod VM ended ({status})"),
+                    // The guest stopped answering altogether (the lab's nested guests
+                    // hang now and then, docs/test-lab.md); the message has the VMM's
+                    // thread states. On hardware KVM a hang is a plain failure.
+                    None if in_lab() && why.contains("no answer within") => {
+                        format!("{why}\nthe pod VM stopped answering")
+                    }
+                    None => return Err(e),
                 }
-            },
+            }
         },
         Err(e) => return Err(format!("the pod VM did not come up: {e}").into()),
     };
-    eprintln!("agent_vm: the pod VM ended during this check; on a new pod VM once more. First try:\n{first}");
+    eprintln!("agent_vm: the pod VM ended or hung during this check; on a new pod VM once more. First try:\n{first}");
     // The old pod (and its network lab, whose names the new one reuses) goes first.
     *guard = None;
     *guard = Some(boot_pod_twice());

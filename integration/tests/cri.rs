@@ -225,14 +225,14 @@ fn warm_up(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
 /// A failed attempt at a scenario.
 struct Failure {
     report: String,
-    /// A pod VM of the scenario reset itself (the lab's known fault, docs/test-lab.md).
-    guest_reset: bool,
+    /// A pod VM of the scenario reset itself or stopped answering (see [`guest_failed`]).
+    guest_fault: bool,
 }
 
 /// Runs one scenario (see [`attempt`]). Inside the test lab a scenario whose pod VM reset
-/// itself runs once more: nested guests there reset now and then in a way hardware KVM
-/// does not (docs/test-lab.md), and one such reset must not hide the other scenarios'
-/// results. The first attempt's report is printed in full; a second reset fails.
+/// itself or hung runs once more: nested guests there do that now and then in a way
+/// hardware KVM does not (docs/test-lab.md), and one such fault must not hide the other
+/// scenarios' results. The first attempt's report is printed in full; a second fails.
 fn run_scenario(
     harness: &Mutex<Harness>,
     name: &str,
@@ -244,9 +244,9 @@ fn run_scenario(
     let h = &mut *guard;
     let mut result = attempt(h, name, rt, scenario);
     if let Err(f) = &result {
-        if f.guest_reset && rt.is_cocoon() && slow() > 1 {
+        if f.guest_fault && rt.is_cocoon() && slow() > 1 {
             eprintln!(
-                "{name}: a pod VM reset itself (lab fault?); running the scenario once more. \
+                "{name}: a pod VM reset itself or hung (lab fault?); running the scenario once more. \
                  First attempt:\n{}",
                 f.report
             );
@@ -267,7 +267,7 @@ fn run_scenario(
 fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Result<(), Failure> {
     let fail = |report: String| Failure {
         report,
-        guest_reset: false,
+        guest_fault: false,
     };
     if rt.is_cocoon() {
         cocoon_preflight().map_err(|e| fail(e.message().unwrap_or_default().to_string()))?;
@@ -297,6 +297,7 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
     }
     let scope = env.ctrd.residue_scope();
     let before = Snapshot::take(&scope);
+    let log_start = std::fs::metadata(&env.ctrd.log).map_or(0, |m| m.len());
     let t = Instant::now();
     let result = scenario(env, rt);
     let elapsed = t.elapsed();
@@ -352,20 +353,36 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
         lines.push(env.ctrd.log_tail(15));
     }
     let log = lines.join("\n");
-    // The shim's line for a VM that ended on its own carries the VMM's last log lines.
-    let whole = std::fs::read_to_string(&env.ctrd.log).unwrap_or_default();
-    let guest_reset = whole.lines().any(|l| {
-        l.contains("VM ended")
-            && (l.contains("guest shut down or reset") || l.contains("exit=GuestShutdown"))
-            && pod_ids.iter().any(|id| l.contains(id.as_str()))
-    });
+    let guest_fault = guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids);
     // The log first: the reason is then the last thing before the next trial's output.
     Err(Failure {
         report: format!(
             "--- containerd log ---\n{log}\n--- why ---\n{}",
             report.join("\n")
         ),
-        guest_reset,
+        guest_fault,
+    })
+}
+
+/// What containerd's log at `path` gained after byte `start` (all of it if it shrank).
+fn log_since(path: &Path, start: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let from = usize::try_from(start)
+        .ok()
+        .filter(|&s| s <= bytes.len())
+        .unwrap_or(0);
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
+}
+
+/// Whether `log` shows a pod VM of `pod_ids` that reset itself (the shim's "VM ended"
+/// line carries the VMM's last log lines) or a guest that stopped answering the shim's
+/// agent calls: the two faults of the lab's nested guests (docs/test-lab.md).
+fn guest_failed(log: &str, pod_ids: &[String]) -> bool {
+    log.lines().any(|l| {
+        let reset = l.contains("VM ended")
+            && (l.contains("guest shut down or reset") || l.contains("exit=GuestShutdown"))
+            && pod_ids.iter().any(|id| l.contains(id.as_str()));
+        reset || l.contains("no answer within")
     })
 }
 
