@@ -353,7 +353,11 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
         lines.push(env.ctrd.log_tail(15));
     }
     let log = lines.join("\n");
-    let guest_fault = guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids);
+    // Only a clean failure runs again: the runtime must clean up after a dead or hung VM
+    // too, and residue would also be in the next attempt's "before" snapshot.
+    let guest_fault = cleanup_errors.is_empty()
+        && left.is_empty()
+        && guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids);
     // The log first: the reason is then the last thing before the next trial's output.
     Err(Failure {
         report: format!(
