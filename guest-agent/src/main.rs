@@ -129,6 +129,9 @@ fn vm_init() -> ! {
     if let Err(e) = init::enable_cgroup_controllers() {
         eprintln!("cocoon-agent: enabling cgroup controllers: {e}");
     }
+    if let Err(e) = init::tune_free_page_reporting() {
+        eprintln!("cocoon-agent: free page reporting order: {e}");
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     init_logging(if cmdline_flag(&cmdline, "cocoon.debug") {
         "debug"

@@ -135,6 +135,10 @@ fn main() -> ExitCode {
         ),
         test("agent_vm_pause_freezes_resume_continues", pause_and_resume),
         test("agent_vm_root_is_pivoted_overlay", root_is_pivoted_overlay),
+        test(
+            "agent_vm_free_page_reporting_order_lowered",
+            free_page_reporting_order_lowered,
+        ),
         test("agent_vm_setup_network_pod_netns", setup_network_pod_netns),
         test(
             "agent_vm_containers_cannot_reach_the_agent_api",
@@ -1218,6 +1222,33 @@ fn mounts(info: &str) -> Vec<(String, String, String)> {
 /// The container's "/" is its overlay (image lower dir), with the initramfs nowhere in
 /// sight, and the agent runs off a tmpfs root, not the initramfs: so the agent picks
 /// pivot_root (`Config::no_pivot` is `root_is_initramfs()`), not MS_MOVE + chroot.
+/// The agent lowers the guest's free page reporting order at boot (Linux 6.1 takes the
+/// balloon driver's order over a command-line value, so only a write after boot works).
+fn free_page_reporting_order_lowered() -> Result<(), Failed> {
+    with_pod(|pod| {
+        let mut out = None;
+        pod.run(
+            "fpr",
+            SpecBuilder::new(&[
+                "cat",
+                "/sys/module/page_reporting/parameters/page_reporting_order",
+            ]),
+            stdout_only(),
+            |p| {
+                out = Some(p.stdout("fpr", "")?);
+                Ok(())
+            },
+        )?;
+        let order = pod.read_all(out.ok_or("no stdout stream")?, "page_reporting_order")?;
+        pod.wait("fpr", "")?;
+        pod.remove("fpr")?;
+        pod.check(
+            order.trim() == "4",
+            format!("page_reporting_order is {:?}, want 4", order.trim()),
+        )
+    })
+}
+
 fn root_is_pivoted_overlay() -> Result<(), Failed> {
     with_pod(|pod| {
         let mut out = None;
