@@ -317,6 +317,17 @@ impl Pod {
         self.run_spec(id, spec, stdio, before_start)
     }
 
+    /// [`Pod::run`] with stdout only; returns all the container's stdout (it has ended
+    /// its output; the caller waits for and removes it).
+    fn run_for_stdout(&mut self, id: &str, spec: SpecBuilder) -> Result<String, Failed> {
+        let mut out = None;
+        self.run(id, spec, stdout_only(), |p| {
+            out = Some(p.stdout(id, "")?);
+            Ok(())
+        })?;
+        self.read_all(out.ok_or("no stdout stream")?, &format!("stdout of {id}"))
+    }
+
     /// [`Pod::run`] with the spec's namespaces as they are (not the pod's).
     fn run_spec(
         &mut self,
@@ -1226,20 +1237,13 @@ fn mounts(info: &str) -> Vec<(String, String, String)> {
 /// balloon driver's order over a command-line value, so only a write after boot works).
 fn free_page_reporting_order_lowered() -> Result<(), Failed> {
     with_pod(|pod| {
-        let mut out = None;
-        pod.run(
+        let order = pod.run_for_stdout(
             "fpr",
             SpecBuilder::new(&[
                 "cat",
                 "/sys/module/page_reporting/parameters/page_reporting_order",
             ]),
-            stdout_only(),
-            |p| {
-                out = Some(p.stdout("fpr", "")?);
-                Ok(())
-            },
         )?;
-        let order = pod.read_all(out.ok_or("no stdout stream")?, "page_reporting_order")?;
         pod.wait("fpr", "")?;
         pod.remove("fpr")?;
         pod.check(
@@ -1251,17 +1255,8 @@ fn free_page_reporting_order_lowered() -> Result<(), Failed> {
 
 fn root_is_pivoted_overlay() -> Result<(), Failed> {
     with_pod(|pod| {
-        let mut out = None;
-        pod.run(
-            "root",
-            SpecBuilder::new(&["cat", "/proc/self/mountinfo"]),
-            stdout_only(),
-            |p| {
-                out = Some(p.stdout("root", "")?);
-                Ok(())
-            },
-        )?;
-        let info = pod.read_all(out.ok_or("no stdout stream")?, "container mountinfo")?;
+        let info =
+            pod.run_for_stdout("root", SpecBuilder::new(&["cat", "/proc/self/mountinfo"]))?;
         let all = mounts(&info);
         let root = all.iter().rev().find(|(mp, _, _)| mp == "/");
         match root {
