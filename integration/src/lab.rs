@@ -87,6 +87,29 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// How long a lab kernel that reported a fault of its own gets to finish (print, panic).
+const FAULT_GRACE: Duration = Duration::from_secs(15);
+
+/// Whether a console line is the lab kernel reporting a fault of its own (an oops, a
+/// panic): kernel messages carry a timestamp, and print even under `quiet`. The lab
+/// kernel does not recover from these; seen: a stack guard page hit in the page fault
+/// entry of a thread running a nested guest, the kernel then silent for good.
+fn is_kernel_fault(line: &str) -> bool {
+    let Some((stamp, msg)) = line.strip_prefix('[').and_then(|r| r.split_once("] ")) else {
+        return false;
+    };
+    stamp.trim().parse::<f64>().is_ok()
+        && [
+            "BUG: ",
+            "Oops: ",
+            "general protection fault",
+            "Kernel panic",
+            "stack guard page",
+        ]
+        .iter()
+        .any(|m| msg.starts_with(m))
+}
+
 /// The record of one lab run.
 #[derive(Debug)]
 pub struct LabRun {
@@ -210,32 +233,42 @@ impl Lab {
         let mut console = Vec::new();
         let mut output = Vec::new();
         let mut up_at: Option<Instant> = None;
+        let mut faulted_at: Option<Instant> = None;
         let mut timed_out = false;
         let mut done = false;
-        let mut handle = |line: String, up_at: &mut Option<Instant>| {
-            if up_at.is_none() && line.contains(UP_MARKER) {
-                *up_at = Some(Instant::now());
-            } else if line.starts_with(EXIT_MARKER) {
-                // What follows is the lab powering off, not the command's output.
-                done = true;
-            } else if up_at.is_some() && !done {
-                if job.echo {
-                    eprintln!("lab| {line}");
+        let mut handle =
+            |line: String, up_at: &mut Option<Instant>, faulted_at: &mut Option<Instant>| {
+                if faulted_at.is_none() && is_kernel_fault(&line) {
+                    *faulted_at = Some(Instant::now());
                 }
-                output.push(line.clone());
-            }
-            console.push(line);
-        };
+                if up_at.is_none() && line.contains(UP_MARKER) {
+                    *up_at = Some(Instant::now());
+                } else if line.starts_with(EXIT_MARKER) {
+                    // What follows is the lab powering off, not the command's output.
+                    done = true;
+                } else if up_at.is_some() && !done {
+                    if job.echo {
+                        eprintln!("lab| {line}");
+                    }
+                    output.push(line.clone());
+                }
+                console.push(line);
+            };
         loop {
-            let deadline = match up_at {
+            let mut deadline = match up_at {
                 None => start + self.boot_timeout,
                 Some(t) => t + job.timeout,
             };
+            if let Some(t) = faulted_at {
+                // Time to print the rest and panic (`oops=panic`); a kernel that hung
+                // while printing is ended here rather than at the job's timeout.
+                deadline = deadline.min(t + FAULT_GRACE);
+            }
             match lines.next_before(deadline) {
-                Next::Line(l) => handle(l, &mut up_at),
+                Next::Line(l) => handle(l, &mut up_at, &mut faulted_at),
                 Next::Closed => break,
                 Next::Deadline => {
-                    timed_out = true;
+                    timed_out = faulted_at.is_none();
                     let _ = child.kill();
                     break;
                 }
@@ -243,13 +276,15 @@ impl Lab {
         }
         child.wait().map_err(LabError::Wait)?;
         for l in lines.drain() {
-            handle(l, &mut up_at);
+            handle(l, &mut up_at, &mut faulted_at);
         }
         let qemu_stderr = stderr.join().unwrap_or_default();
 
         let outcome = match dir.status() {
             Some(code) => Outcome::Exited(code),
-            None if console.iter().any(|l| l.contains("Kernel panic")) => Outcome::Panicked,
+            None if faulted_at.is_some() || console.iter().any(|l| l.contains("Kernel panic")) => {
+                Outcome::Panicked
+            }
             None if up_at.is_none() && timed_out => Outcome::InfraFailure(format!(
                 "the lab stayed silent for {:?} (never reached its init)",
                 self.boot_timeout
@@ -323,7 +358,7 @@ impl Lab {
             .arg(format!(
                 "console=ttyS0 root=hostroot rootfstype=9p \
                  rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose ro \
-                 init={} panic=-1 quiet",
+                 init={} panic=-1 oops=panic quiet",
                 self.init.display()
             ));
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling (child) process;
@@ -452,6 +487,27 @@ mod tests {
             s.ends_with("exec 'sh' '-c' 'echo '\\''it'\\'''\\''s'\\'' $HOME' 2>&1\n"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn kernel_faults_are_told_from_other_lines() {
+        for fault in [
+            "[  100.325487] BUG: TASK stack guard page was hit at 0000000086185647",
+            "[    3.1] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "[ 12.000001] general protection fault, probably for non-canonical address",
+            "[   9.5] Kernel panic - not syncing: Fatal exception",
+        ] {
+            assert!(is_kernel_fault(fault), "{fault}");
+        }
+        for other in [
+            "[   29.546873] kvm [465]: vcpu0, guest rIP: 0xffffffff810032cd Unhandled WRMSR",
+            "test cocoon::exit_codes ... BUG: in the test's own words",
+            "[x] BUG: not a timestamp",
+            "lab| [  1.0] BUG: echoed",
+            "",
+        ] {
+            assert!(!is_kernel_fault(other), "{other}");
+        }
     }
 
     #[test]

@@ -62,9 +62,10 @@ fn try_rerun_in_lab(what: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
 
 /// Runs this executable again, with the same arguments, inside one boot of `lab` (`out_dir`:
 /// where the lab's `$COCOON_LAB_OUT` comes back to) and prints the boot and total time. A
-/// panicked lab kernel is retried once: seen rarely, QEMU's TCG executing stale code after
-/// the lab kernel patches its own text (a fault of the emulated machine, not of the work
-/// inside it).
+/// panicked or oopsed lab kernel is retried once: seen rarely, QEMU's TCG executing stale
+/// code after the lab kernel patches its own text, and a stack guard page hit in the lab
+/// kernel's page fault entry while running a nested guest (faults of the emulated
+/// machine, not of the work inside it).
 pub fn run_self_in_lab(
     what: &str,
     lab: &Lab,
@@ -84,6 +85,7 @@ pub fn run_self_in_lab(
             run.console_tail(30)
         );
         run = lab.run(&job)?;
+        run.attempts += 1;
     }
     eprintln!(
         "{what}: lab boot {:.1}s, total {:.1}s{}",
