@@ -87,8 +87,10 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// How long a lab kernel that reported a fault of its own gets to finish (print, panic).
-const FAULT_GRACE: Duration = Duration::from_secs(15);
+/// After a lab kernel fault line, this long without any console line ends the run. Not
+/// the fault line alone: a test's failure report may quote a nested guest's panic, and
+/// what follows it then is more output, not silence.
+const FAULT_SILENCE: Duration = Duration::from_secs(60);
 
 /// Whether a console line is the lab kernel reporting a fault of its own (an oops, a
 /// panic): kernel messages carry a timestamp, and print even under `quiet`. The lab
@@ -234,6 +236,7 @@ impl Lab {
         let mut output = Vec::new();
         let mut up_at: Option<Instant> = None;
         let mut faulted_at: Option<Instant> = None;
+        let mut last_line_at = Instant::now();
         let mut timed_out = false;
         let mut done = false;
         let mut handle =
@@ -259,13 +262,16 @@ impl Lab {
                 None => start + self.boot_timeout,
                 Some(t) => t + job.timeout,
             };
-            if let Some(t) = faulted_at {
-                // Time to print the rest and panic (`oops=panic`); a kernel that hung
-                // while printing is ended here rather than at the job's timeout.
-                deadline = deadline.min(t + FAULT_GRACE);
+            if faulted_at.is_some() {
+                // `oops=panic` normally ends QEMU at once; a kernel that hung while
+                // printing is ended here rather than at the job's timeout.
+                deadline = deadline.min(last_line_at + FAULT_SILENCE);
             }
             match lines.next_before(deadline) {
-                Next::Line(l) => handle(l, &mut up_at, &mut faulted_at),
+                Next::Line(l) => {
+                    last_line_at = Instant::now();
+                    handle(l, &mut up_at, &mut faulted_at)
+                }
                 Next::Closed => break,
                 Next::Deadline => {
                     timed_out = faulted_at.is_none();
