@@ -631,14 +631,20 @@ fn pod_to_pod_tcp(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
 
 /// Exit codes and reasons: 0 Completed, 3 Error, killed by StopContainer 137; ExecSync's.
 fn exit_codes(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
+    // Each step's time: this scenario has been the slow outlier (12 s usually, once 140 s).
+    let t = Instant::now();
+    let step = |what: &str| eprintln!("exit_codes: {what} at {:.1}s", t.elapsed().as_secs_f64());
     let pod = env.pod("exits", rt)?;
+    step("pod running");
     for (name, script, code, reason) in [
         ("zero", "exit 0", 0, "Completed"),
         ("three", "exit 3", 3, "Error"),
         ("big", "exit 255", 255, "Error"),
     ] {
         let id = env.run(&pod, &cri::container_config(name, &sh(script)))?;
+        step(&format!("{name} started"));
         let st = env.cri.wait_exited(&id, secs(30))?;
+        step(&format!("{name} exited"));
         ensure!(
             st.exit_code == code && st.reason == reason,
             "{script}: exit {} reason {:?} (want {code}, {reason})",
@@ -647,10 +653,14 @@ fn exit_codes(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
         );
     }
     let id = env.run(&pod, &sleeper("killed"))?;
+    step("sleeper started");
     let r = env.cri.exec_sync(&id, &sh("exit 7"), 30)?;
+    step("ExecSync done");
     ensure!(r.exit_code == 7, "ExecSync exit {} (want 7)", r.exit_code);
     env.cri.stop_container(&id, 0)?;
+    step("StopContainer done");
     let st = env.cri.wait_exited(&id, secs(30))?;
+    step("sleeper exited");
     ensure!(
         st.exit_code == 137 && st.reason == "Error",
         "killed: exit {} reason {:?} (want 137, Error)",
