@@ -20,7 +20,7 @@ use cocoon_integration::containerd::{self, Containerd, Options, COCOON, RUNC};
 use cocoon_integration::cri::{self, Cri};
 use cocoon_integration::lab::{Lab, Outcome};
 use cocoon_integration::stats::{median, quantile};
-use cocoon_integration::vmtest::{placement, run_self_in_lab, Placement};
+use cocoon_integration::vmtest::{in_lab, placement, run_self_in_lab, says_guest_reset, Placement};
 use cocoon_integration::{paths, residue, vmm};
 use k8s_cri::v1::PodSandboxConfig;
 use std::collections::BTreeSet;
@@ -33,10 +33,6 @@ use std::time::{Duration, Instant};
 const FIGURES: &str = "cri-bench-figures.txt";
 const CONTAINER: &str = "bench";
 const READY: &str = "bench-ready";
-
-fn in_lab() -> bool {
-    std::env::var_os("COCOON_IN_LAB").is_some()
-}
 
 /// The emulated lab is much slower: waits, and the density limit, scale with this.
 fn slow() -> u32 {
@@ -534,13 +530,7 @@ impl Bench<'_> {
                         });
                     }
                 }
-                Err(e)
-                    if in_lab()
-                        && lab_resets < 3
-                        && ["guest shut down or reset", "exit=GuestShutdown"]
-                            .iter()
-                            .any(|m| format!("{e:#}").contains(m)) =>
-                {
+                Err(e) if in_lab() && lab_resets < 3 && says_guest_reset(&format!("{e:#}")) => {
                     lab_resets += 1;
                     eprintln!(
                         "bench-cri: {handler}: pod {} reset during boot (lab fault {lab_resets} \

@@ -24,9 +24,26 @@ pub enum Placement {
     Broken { kvm: Kvm },
 }
 
+/// Whether this process runs inside the test lab (its init sets `COCOON_IN_LAB`).
+pub fn in_lab() -> bool {
+    std::env::var_os("COCOON_IN_LAB").is_some()
+}
+
+/// Whether `text` (a VMM log, or an error or log line quoting one) says the guest reset
+/// or powered itself off: the VMM's vCPU line, or its final exit line.
+pub fn says_guest_reset(text: &str) -> bool {
+    text.contains("guest shut down or reset") || text.contains("exit=GuestShutdown")
+}
+
+/// Whether `text` holds an agent call that got no answer in time (`AgentError`'s
+/// timeout, as the runtime and the test clients word it).
+pub fn says_agent_hung(text: &str) -> bool {
+    text.contains("no answer within")
+}
+
 pub fn placement() -> Placement {
     let kvm = detect_kvm();
-    let in_lab = std::env::var_os("COCOON_IN_LAB").is_some();
+    let in_lab = in_lab();
     match (kvm.boots_stock_kernel(), in_lab) {
         (true, _) => Placement::Here { kvm, in_lab },
         (false, false) => Placement::Lab { kvm },
@@ -129,7 +146,7 @@ fn run(args: &Arguments, trials: Vec<Trial>) -> ExitCode {
 /// Runs `trials` where KVM is real: here, or inside the test lab (one boot for all).
 pub fn main(trials: Vec<Trial>) -> ExitCode {
     let mut args = Arguments::from_args();
-    if std::env::var_os("COCOON_IN_LAB").is_some() && args.test_threads.is_none() {
+    if in_lab() && args.test_threads.is_none() {
         // One nested guest at a time: the emulated machine is slow and has shown rare
         // faults with several nested VMs at once (see docs/test-lab.md).
         args.test_threads = Some(1);

@@ -23,7 +23,7 @@ use cocoon_integration::oci::{
 };
 use cocoon_integration::paths;
 use cocoon_integration::testguest::ext4_cat;
-use cocoon_integration::vmtest::test;
+use cocoon_integration::vmtest::{self, test};
 use cocoon_runtime::agent::{Rootfs, SetupNetworkRequest, SetupSandboxRequest, Stdio};
 use libtest_mimic::Failed;
 use std::io::{BufRead, Read, Write};
@@ -223,11 +223,6 @@ fn boot_pod() -> Result<Pod, String> {
     })
 }
 
-/// Whether this runs inside the test lab (emulated nested virtualization).
-fn in_lab() -> bool {
-    std::env::var_os("COCOON_IN_LAB").is_some()
-}
-
 /// Runs one check on the shared pod VM. If the check fails because the VM itself ended
 /// (the emulated lab resets a nested guest now and then, without a word on its console)
 /// or, in the lab, stopped answering, that is printed with the guest's console and the
@@ -245,7 +240,7 @@ fn with_pod<T>(mut f: impl FnMut(&mut Pod) -> Result<T, Failed>) -> Result<T, Fa
                     // The guest stopped answering altogether (the lab's nested guests
                     // hang now and then, docs/test-lab.md); the message has the VMM's
                     // thread states. On hardware KVM a hang is a plain failure.
-                    None if in_lab() && why.contains("no answer within") => {
+                    None if vmtest::in_lab() && vmtest::says_agent_hung(why) => {
                         format!("{why}\nthe pod VM stopped answering")
                     }
                     None => return Err(e),

@@ -79,7 +79,7 @@ impl Runtime {
 
 /// Emulated machines (the lab) are much slower: every wait scales with this.
 fn slow() -> u32 {
-    if std::env::var_os("COCOON_IN_LAB").is_some() {
+    if vmtest::in_lab() {
         8
     } else {
         1
@@ -384,9 +384,9 @@ fn log_since(path: &Path, start: u64) -> String {
 fn guest_failed(log: &str, pod_ids: &[String]) -> bool {
     log.lines().any(|l| {
         let reset = l.contains("VM ended")
-            && (l.contains("guest shut down or reset") || l.contains("exit=GuestShutdown"))
+            && vmtest::says_guest_reset(l)
             && pod_ids.iter().any(|id| l.contains(id.as_str()));
-        reset || l.contains("no answer within")
+        reset || vmtest::says_agent_hung(l)
     })
 }
 

@@ -55,7 +55,7 @@ fn kernel_release() -> String {
 
 /// The emulated lab is much slower: every wait scales with this.
 fn slow() -> u32 {
-    if std::env::var_os("COCOON_IN_LAB").is_some() {
+    if cocoon_integration::vmtest::in_lab() {
         8
     } else {
         1
@@ -324,7 +324,7 @@ fn run_container(
     );
     // Inside the lab the node is the lab VM; the machine running `make demo` is outside.
     let (node, outer) = match std::env::var(OUTER_KERNEL_ENV) {
-        Ok(k) if std::env::var_os("COCOON_IN_LAB").is_some() => (
+        Ok(k) if cocoon_integration::vmtest::in_lab() => (
             "node (test-lab VM)",
             format!("; the host outside the lab runs {k}"),
         ),
