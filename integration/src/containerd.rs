@@ -86,6 +86,8 @@ pub struct Options {
     /// overlayfs itself, as the lab's /tmp is), hence /run by default.
     pub base_parent: PathBuf,
     pub ready_timeout: Duration,
+    /// TOML appended to the cocoon runtime's config (e.g. a `[liveness]` table).
+    pub cocoon_config_extra: String,
 }
 
 impl Default for Options {
@@ -97,6 +99,7 @@ impl Default for Options {
             shim_dirs: default_shim_dirs(),
             base_parent: PathBuf::from("/run"),
             ready_timeout: Duration::from_secs(120),
+            cocoon_config_extra: String::new(),
         }
     }
 }
@@ -351,12 +354,13 @@ disabled_plugins = [
         format!(
             "# Cocoon runtime config for the CRI tests (integration/src/containerd.rs).\n\
              vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n\
-             image_dir = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n",
+             image_dir = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{}",
             vmm::vmm_binary().display(),
             paths::guest_vmlinux().display(),
             paths::guest_initramfs().display(),
             self.cocoon_images.display(),
             self.cocoon_state.display(),
+            self.opts.cocoon_config_extra,
         )
     }
 

@@ -173,15 +173,22 @@ impl Cri {
     /// process; for cocoon whatever the shim gives as the sandbox task's pid.
     pub fn pod_pid(&mut self, id: &str) -> Result<Option<u32>> {
         let s = self.pod_status(id)?;
-        let Some(info) = s.info.get("info") else {
-            return Ok(None);
+        info_pid(&s.info, &format!("sandbox {id}"))
+    }
+
+    /// A container's init process on the host as containerd reports it (`info.pid`):
+    /// runc's container process; for cocoon the guest pid the shim reports.
+    pub fn container_pid(&mut self, id: &str) -> Result<Option<u32>> {
+        let req = ContainerStatusRequest {
+            container_id: id.to_string(),
+            verbose: true,
         };
-        let v: serde_json::Value = serde_json::from_str(info)
-            .map_err(|e| CriError::Other(format!("sandbox info of {id} is not JSON: {e}")))?;
-        Ok(v.get("pid")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|&p| p > 0))
+        let r = self
+            .rt
+            .block_on(self.client.container_status(req))
+            .map_err(rpc("ContainerStatus"))?
+            .into_inner();
+        info_pid(&r.info, &format!("container {id}"))
     }
 
     pub fn stop_pod(&mut self, id: &str) -> Result<()> {
@@ -345,6 +352,19 @@ impl Cri {
 }
 
 /// The name of a `ContainerState` value.
+/// The `pid` of a verbose status's `info` JSON (containerd's CRI plugin puts it there).
+fn info_pid(info: &HashMap<String, String>, what: &str) -> Result<Option<u32>> {
+    let Some(info) = info.get("info") else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(info)
+        .map_err(|e| CriError::Other(format!("{what}: status info is not JSON: {e}")))?;
+    Ok(v.get("pid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| p > 0))
+}
+
 pub fn state_name(state: i32) -> &'static str {
     ContainerState::try_from(state)
         .map(|s| s.as_str_name())

@@ -38,7 +38,59 @@ pub fn says_guest_reset(text: &str) -> bool {
 /// Whether `text` holds an agent call that got no answer in time (`AgentError`'s
 /// timeout, as the runtime and the test clients word it).
 pub fn says_agent_hung(text: &str) -> bool {
-    text.contains("no answer within")
+    text.contains("no answer within") || text.contains("has not answered the health check")
+}
+
+/// What kind of fault `text` (a failure report, a log) shows, for counting reruns across
+/// runs: a guest that reset itself, a VM declared dead by the runtime's liveness rule, an
+/// agent call that got no answer, or something else.
+pub fn fault_signature(text: &str) -> &'static str {
+    if says_guest_reset(text) {
+        "guest reset"
+    } else if text.contains("declared dead") {
+        "VM declared dead (agent silent)"
+    } else if says_agent_hung(text) {
+        "agent silent"
+    } else {
+        "other"
+    }
+}
+
+/// How many checks or scenarios one suite run may run again after a lab fault: more
+/// fails the run, so that a VMM regression that resets or hangs guests cannot hide
+/// behind reruns.
+pub const LAB_RERUN_BUDGET: usize = 2;
+
+/// `what: signature` of every rerun of this run.
+static RERUNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records that `what` runs again after a fault whose report is `report`; prints the
+/// line that counts it.
+pub fn count_rerun(what: &str, report: &str) {
+    let line = format!("{what}: {}", fault_signature(report));
+    eprintln!("lab rerun: {line}");
+    RERUNS.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+}
+
+/// Prints how many reruns this run made and which; false if they exceed
+/// [`LAB_RERUN_BUDGET`].
+pub fn reruns_within_budget(suite: &str) -> bool {
+    let reruns = RERUNS.lock().unwrap_or_else(|p| p.into_inner());
+    eprintln!(
+        "{suite}: {} rerun(s) after lab faults (budget {LAB_RERUN_BUDGET})",
+        reruns.len()
+    );
+    for r in reruns.iter() {
+        eprintln!("{suite}: rerun: {r}");
+    }
+    if reruns.len() > LAB_RERUN_BUDGET {
+        eprintln!(
+            "failed: {suite}: {} reruns after lab faults exceed the budget of {LAB_RERUN_BUDGET}",
+            reruns.len()
+        );
+        return false;
+    }
+    true
 }
 
 pub fn placement() -> Placement {
@@ -97,6 +149,7 @@ pub fn run_self_in_lab(
     job.out_dir = out_dir;
     let mut run = lab.run(&job)?;
     if run.outcome == Outcome::Panicked {
+        eprintln!("lab rerun: {what}: lab kernel panicked or oopsed");
         eprintln!(
             "{what}: the lab kernel panicked; retrying once\n--- last console lines ---\n{}",
             run.console_tail(30)
@@ -117,6 +170,16 @@ pub fn run_self_in_lab(
     Ok(run)
 }
 
+thread_local! {
+    /// The [`test`] running on this thread.
+    static CURRENT: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// The name of the [`test`] running on this thread ("" outside one).
+pub fn current_test() -> &'static str {
+    CURRENT.with(|c| c.get())
+}
+
 /// `name: first line of why` of every failed [`test`], for the end of the run.
 static FAILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -124,6 +187,7 @@ static FAILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// log's tail shows it (the full report is printed in its place, far above).
 pub fn test(name: &'static str, f: fn() -> Result<(), Failed>) -> Trial {
     Trial::test(name, move || {
+        CURRENT.with(|c| c.set(name));
         f().inspect_err(|e| {
             let why = e.message().and_then(|m| m.lines().next()).unwrap_or("");
             FAILED
@@ -137,10 +201,15 @@ pub fn test(name: &'static str, f: fn() -> Result<(), Failed>) -> Trial {
 /// Runs libtest-mimic, then the one-line reasons of the failed [`test`]s.
 fn run(args: &Arguments, trials: Vec<Trial>) -> ExitCode {
     let code = libtest_mimic::run(args, trials).exit_code();
+    let within = reruns_within_budget("vm tests");
     for line in FAILED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         eprintln!("failed: {line}");
     }
-    code
+    if within {
+        code
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Runs `trials` where KVM is real: here, or inside the test lab (one boot for all).

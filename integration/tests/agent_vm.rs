@@ -163,6 +163,7 @@ fn boot_pod_twice() -> Result<Pod, String> {
         eprintln!(
             "agent_vm: the pod VM did not come up, booting it once more. First try:\n{first}"
         );
+        vmtest::count_rerun("agent_vm pod boot", &first);
         boot_pod().map_err(|second| format!("{second}\n--- first try ---\n{first}"))
     })
 }
@@ -250,6 +251,7 @@ fn with_pod<T>(mut f: impl FnMut(&mut Pod) -> Result<T, Failed>) -> Result<T, Fa
         Err(e) => return Err(format!("the pod VM did not come up: {e}").into()),
     };
     eprintln!("agent_vm: the pod VM ended or hung during this check; on a new pod VM once more. First try:\n{first}");
+    vmtest::count_rerun(vmtest::current_test(), &first);
     // The old pod (and its network lab, whose names the new one reuses) goes first.
     *guard = None;
     *guard = Some(boot_pod_twice());

@@ -16,6 +16,7 @@ use cocoon_integration::containerd::{self, Containerd, Options, COCOON, RUNC};
 use cocoon_integration::cri::{self, Cri, LogLine, StreamSession};
 use cocoon_integration::residue::{self, Snapshot};
 use cocoon_integration::{paths, vmtest};
+use cocoon_runtime::config::{Config as CocoonConfig, Liveness};
 use k8s_cri::v1::{ContainerConfig, ContainerState, Mount, PodSandboxConfig};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,8 @@ const ONLY_COCOON_ENV: &str = "COCOON_CRI_ONLY_COCOON";
 type Scenario = fn(&mut Env, &Runtime) -> anyhow::Result<()>;
 
 /// One scenario under the names it has per runtime (they differ where the scenario
-/// does: killing the pod's VMM has runc's pause process as its counterpart).
+/// does: killing the pod's VMM has runc's pause process as its counterpart; an empty
+/// name: the runtime has no counterpart, e.g. runc has no VM to health-check).
 struct Case {
     runc: &'static str,
     cocoon: &'static str,
@@ -56,7 +58,35 @@ const CASES: &[Case] = &[
         run: kill_pod_process,
     },
     case("containerd_restart", containerd_restart),
+    Case {
+        runc: "sigstopped_pod_stops",
+        cocoon: "silent_vm_stops",
+        run: silent_pod_stops,
+    },
+    Case {
+        runc: "",
+        cocoon: "health_check_marks_then_kills",
+        run: health_check,
+    },
+    case("shim_killed_while_pod_silent", shim_killed_while_pod_silent),
 ];
+
+/// The liveness thresholds the cocoon scenarios run with (`[liveness]`, see
+/// runtime/src/liveness.rs): short enough for [`health_check`] to see both sides in a
+/// minute, with the default stop timeout. Silence, not slowness, counts: a lab guest
+/// that answers late is never declared dead.
+const LIVENESS: Liveness = Liveness {
+    stop_timeout_secs: 10,
+    ping_interval_secs: 2,
+    unresponsive_after_secs: 6,
+    dead_after_secs: 30,
+};
+
+/// How long stopping or removing anything of a pod that stopped answering may take: two
+/// unanswered signals (SIGTERM, then SIGKILL after the 2 s grace period) of
+/// `stop_timeout_secs` each, plus the VM's kill. Not scaled for the lab: it is waiting,
+/// not work.
+const SILENT_STOP_BOUND: Duration = Duration::from_secs(60);
 
 const fn case(name: &'static str, run: Scenario) -> Case {
     Case {
@@ -109,6 +139,14 @@ impl Env {
         let t = Instant::now();
         let opts = Options {
             ready_timeout: secs(60),
+            cocoon_config_extra: format!(
+                "[liveness]\nstop_timeout_secs = {}\nping_interval_secs = {}\n\
+                 unresponsive_after_secs = {}\ndead_after_secs = {}\n",
+                LIVENESS.stop_timeout_secs,
+                LIVENESS.ping_interval_secs,
+                LIVENESS.unresponsive_after_secs,
+                LIVENESS.dead_after_secs
+            ),
             ..Options::default()
         };
         let ctrd = Containerd::start(opts).context("starting the private containerd")?;
@@ -250,6 +288,7 @@ fn run_scenario(
                  First attempt:\n{}",
                 f.report
             );
+            vmtest::count_rerun(name, &f.report);
             result = attempt(h, name, rt, scenario);
         }
     }
@@ -396,7 +435,10 @@ fn run_trials(
     harness: &Arc<Mutex<Harness>>,
     handlers: &[&'static str],
 ) -> libtest_mimic::Conclusion {
-    let conclusion = libtest_mimic::run(args, trials(harness, handlers));
+    let mut conclusion = libtest_mimic::run(args, trials(harness, handlers));
+    if !vmtest::reruns_within_budget("cri tests") {
+        conclusion.num_failed += 1;
+    }
     let h = harness.lock().unwrap_or_else(|p| p.into_inner());
     for line in &h.failed {
         eprintln!("cri failed: {line}");
@@ -926,6 +968,244 @@ fn containerd_restart(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the pod stop answering behind its runtime's back: cocoon's VM gets its vCPUs
+/// stopped through the VMM's control socket (a hung guest, as far as the shim can tell);
+/// runc's pause and container processes get SIGSTOP. Returns the cocoon pod's VMM to
+/// resume it with.
+fn freeze_pod(
+    env: &mut Env,
+    rt: &Runtime,
+    pod: &Pod,
+    containers: &[&str],
+) -> anyhow::Result<Option<cocoon_runtime::vmm::VmmProcess>> {
+    if rt.is_cocoon() {
+        let vmm = pod_vmm(env, pod)?;
+        vmm.pause()
+            .context("pausing the pod VM through its control socket")?;
+        return Ok(Some(vmm));
+    }
+    let mut pids = vec![sandbox_process(env, rt, pod)?];
+    for c in containers {
+        pids.push(
+            env.cri
+                .container_pid(c)?
+                .ok_or_else(|| anyhow!("containerd reports no pid for container {c}"))?,
+        );
+    }
+    for pid in pids {
+        // SAFETY: kill(2) on pids containerd just reported for this pod.
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        ensure!(
+            rc == 0,
+            "SIGSTOP {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(None)
+}
+
+/// The runtime config the shims of this containerd read.
+fn cocoon_config(env: &Env) -> anyhow::Result<CocoonConfig> {
+    CocoonConfig::load(&env.ctrd.cocoon_config).context("the suite's cocoon config")
+}
+
+/// The cocoon pod's running VMM, found the way `cocoon ps` finds it.
+fn pod_vmm(env: &Env, pod: &Pod) -> anyhow::Result<cocoon_runtime::vmm::VmmProcess> {
+    let config = cocoon_config(env)?;
+    match cocoon_runtime::cli::vmm_state(&config, &pod.id)? {
+        cocoon_runtime::cli::VmmState::Running(vmm) => Ok(vmm),
+        _ => bail!("sandbox {} has no running VMM", pod.id),
+    }
+}
+
+/// The pod stops answering (see [`freeze_pod`]): StopContainer (SIGTERM, then SIGKILL
+/// after a 2 s grace period), StopPodSandbox and RemovePodSandbox still succeed within
+/// [`SILENT_STOP_BOUND`], every container is reported exited (cocoon: the stopped one as
+/// killed, 137; the other with the VM, 255), and nothing is left behind. Without the
+/// liveness rule the unanswered SIGKILL failed StopContainer and StopPodSandbox.
+fn silent_pod_stops(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
+    let pod = env.pod("silent", rt)?;
+    let a = env.run(&pod, &sleeper("a"))?;
+    let b = env.run(&pod, &sleeper("b"))?;
+    freeze_pod(env, rt, &pod, &[&a, &b])?;
+    let t = Instant::now();
+    env.cri
+        .stop_container(&a, 2)
+        .context("StopContainer in a pod that stopped answering")?;
+    let took = t.elapsed();
+    eprintln!("silent pod: StopContainer took {:.1} s", took.as_secs_f64());
+    ensure!(
+        took < SILENT_STOP_BOUND,
+        "StopContainer took {took:?} (bound {SILENT_STOP_BOUND:?})"
+    );
+    let st = env.cri.wait_exited(&a, secs(10))?;
+    ensure!(
+        st.exit_code == 137,
+        "stopped container exited {} (want 137: killed)",
+        st.exit_code
+    );
+    let st = env.cri.container_status(&b)?;
+    if rt.is_cocoon() {
+        // The VM was declared dead: the other container ended with it.
+        let st = env.cri.wait_exited(&b, secs(10))?;
+        ensure!(
+            st.exit_code == 255,
+            "the other container of the dead VM exited {} (want 255)",
+            st.exit_code
+        );
+    } else {
+        ensure!(
+            st.state == ContainerState::ContainerRunning as i32,
+            "the other runc container is {}",
+            cri::state_name(st.state)
+        );
+    }
+    let t = Instant::now();
+    env.cri.stop_pod(&pod.id)?;
+    env.cri.remove_pod(&pod.id)?;
+    env.pods.retain(|p| p.id != pod.id);
+    let took = t.elapsed();
+    eprintln!("silent pod: stop + remove took {:.1} s", took.as_secs_f64());
+    ensure!(
+        took < SILENT_STOP_BOUND,
+        "StopPodSandbox + RemovePodSandbox took {took:?} (bound {SILENT_STOP_BOUND:?})"
+    );
+    Ok(())
+}
+
+/// The pod's shim dies while the pod does not answer (see [`freeze_pod`]): containerd
+/// reports the containers exited and cleans up through the shim's `delete` action (for
+/// cocoon: from `pod.json` and the VMM's pid file alone), and StopPodSandbox +
+/// RemovePodSandbox succeed within [`SILENT_STOP_BOUND`] with nothing left behind.
+fn shim_killed_while_pod_silent(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
+    let pod = env.pod("shimkill", rt)?;
+    let c = env.run(&pod, &sleeper("main"))?;
+    freeze_pod(env, rt, &pod, &[&c])?;
+    let mut shims: Vec<i32> = residue::processes_of(&pod.id, None)
+        .into_iter()
+        .filter(|p| p.comm.starts_with("containerd-shim"))
+        .map(|p| p.pid)
+        .collect();
+    shims.sort_unstable();
+    shims.dedup();
+    let [shim] = shims.as_slice() else {
+        bail!("want one shim process for pod {}, found {shims:?}", pod.id);
+    };
+    // SAFETY: kill(2) on the pod's shim, just found in /proc.
+    let rc = unsafe { libc::kill(*shim, libc::SIGKILL) };
+    ensure!(rc == 0, "kill {shim}: {}", std::io::Error::last_os_error());
+    let t = Instant::now();
+    env.cri
+        .wait_exited(&c, SILENT_STOP_BOUND)
+        .context("the container after its shim was killed")?;
+    env.cri.stop_pod(&pod.id)?;
+    env.cri.remove_pod(&pod.id)?;
+    env.pods.retain(|p| p.id != pod.id);
+    let took = t.elapsed();
+    eprintln!(
+        "shim killed: exit seen, stop + remove took {:.1} s",
+        took.as_secs_f64()
+    );
+    ensure!(
+        took < SILENT_STOP_BOUND,
+        "exit, StopPodSandbox and RemovePodSandbox took {took:?} (bound {SILENT_STOP_BOUND:?})"
+    );
+    Ok(())
+}
+
+/// The idle health check (cocoon only): a pod VM silent past `unresponsive_after` but
+/// answering again before `dead_after` is marked unresponsive (`pod.json`, `cocoon ps`),
+/// then unmarked, and keeps its pod (exec works); one silent past `dead_after` is
+/// declared dead: its container is reported exited (255) and the pod not ready.
+fn health_check(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
+    let pod = env.pod("health", rt)?;
+    let c = env.run(&pod, &sleeper("main"))?;
+    let config = cocoon_config(env)?;
+    let (bundles, id) = (env.ctrd.state.clone(), pod.id.clone());
+    let sandbox = |config: &CocoonConfig| -> anyhow::Result<cocoon_runtime::cli::ps::Sandbox> {
+        let list = cocoon_runtime::cli::ps::list(config, &bundles)?;
+        list.into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| anyhow!("cocoon ps does not list sandbox {id}"))
+    };
+    let wait_for =
+        |what: &str, limit: Duration, pred: &dyn Fn(&cocoon_runtime::cli::ps::Sandbox) -> bool| {
+            let deadline = Instant::now() + limit;
+            loop {
+                let sb = sandbox(&config)?;
+                if pred(&sb) {
+                    return anyhow::Ok(sb);
+                }
+                if Instant::now() >= deadline {
+                    bail!("{what}: not within {limit:?}; cocoon ps says {sb:?}");
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        };
+    ensure!(
+        sandbox(&config)?.state == "running",
+        "a fresh pod is not 'running'"
+    );
+
+    let vmm = pod_vmm(env, &pod)?;
+    let t = Instant::now();
+    vmm.pause().context("pausing the pod VM")?;
+    let mark =
+        Duration::from_secs(LIVENESS.unresponsive_after_secs + 3 * LIVENESS.ping_interval_secs);
+    wait_for("marked unresponsive", mark + Duration::from_secs(5), &|s| {
+        s.state == "unresponsive" && s.unresponsive_since.is_some()
+    })?;
+    let silent = t.elapsed();
+    ensure!(
+        silent >= Duration::from_secs(LIVENESS.unresponsive_after_secs),
+        "marked unresponsive after {silent:?} of silence (threshold {} s)",
+        LIVENESS.unresponsive_after_secs
+    );
+    vmm.resume().context("resuming the pod VM")?;
+    let sb = wait_for(
+        "answering again",
+        Duration::from_secs(4 * LIVENESS.ping_interval_secs) + secs(5),
+        &|s| s.state == "running",
+    )?;
+    ensure!(
+        sb.unresponsive_count == 1,
+        "unresponsive count {}",
+        sb.unresponsive_count
+    );
+    let st = env.cri.container_status(&c)?;
+    ensure!(
+        st.state == ContainerState::ContainerRunning as i32,
+        "after a silence shorter than dead_after the container is {}",
+        cri::state_name(st.state)
+    );
+    let r = env.cri.exec_sync(&c, &["echo", "alive"], 30)?;
+    ensure!(
+        text(&r.stdout) == "alive\n",
+        "exec after the silence: {r:?}"
+    );
+
+    // Silent for good now.
+    vmm.pause().context("pausing the pod VM again")?;
+    let st = env.cri.wait_exited(
+        &c,
+        Duration::from_secs(LIVENESS.dead_after_secs + LIVENESS.ping_interval_secs) + secs(10),
+    )?;
+    ensure!(
+        st.exit_code == 255,
+        "container of a VM declared dead exited {} (want 255)",
+        st.exit_code
+    );
+    let deadline = Instant::now() + secs(10);
+    while env.cri.pod_ready(&pod.id)? {
+        ensure!(
+            Instant::now() < deadline,
+            "pod still ready after its VM was declared dead"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Where the scenarios run
 // ---------------------------------------------------------------------------------------
@@ -939,6 +1219,9 @@ fn trials(harness: &Arc<Mutex<Harness>>, handlers: &[&'static str]) -> Vec<Trial
             } else {
                 case.runc
             };
+            if name.is_empty() {
+                continue;
+            }
             let full = format!("{handler}::{name}");
             let h = Arc::clone(harness);
             let run = case.run;
@@ -1001,9 +1284,9 @@ fn main() -> ExitCode {
                 std::mem::take(&mut harness.lock().unwrap_or_else(|p| p.into_inner()).failed);
             // Stops runc's containerd before the lab starts.
             drop(harness);
-            let wants_cocoon = CASES
-                .iter()
-                .any(|c| selected(&args, &format!("{COCOON}::{}", c.cocoon)));
+            let wants_cocoon = CASES.iter().any(|c| {
+                !c.cocoon.is_empty() && selected(&args, &format!("{COCOON}::{}", c.cocoon))
+            });
             if !wants_cocoon {
                 return runc.exit_code();
             }

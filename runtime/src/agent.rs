@@ -20,6 +20,8 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use api::{
@@ -94,6 +96,15 @@ impl AgentError {
             AgentError::Status { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    /// The agent did not answer at all: the call timed out or its connection broke
+    /// (as opposed to an answer that says no).
+    pub fn is_no_answer(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Timeout { .. } | AgentError::Transport { .. }
+        )
     }
 
     fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -245,6 +256,31 @@ pub struct AgentClient {
     inner: api::AgentClient,
     endpoint: Endpoint,
     timeout: Duration,
+    in_flight: Arc<InFlight>,
+}
+
+/// The calls waiting for an answer on one connection (shared by its clones): when the
+/// agent falls silent, which request was it given last.
+#[derive(Default)]
+struct InFlight {
+    next: AtomicU64,
+    calls: Mutex<Vec<(u64, &'static str, Instant)>>,
+}
+
+impl InFlight {
+    fn calls(&self) -> MutexGuard<'_, Vec<(u64, &'static str, Instant)>> {
+        // Plain values: a panicked holder leaves nothing half-updated.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes its call from [`InFlight`] when the call returns.
+struct InFlightGuard<'a>(&'a InFlight, u64);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.calls().retain(|(id, _, _)| *id != self.1);
+    }
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -287,6 +323,7 @@ impl AgentClient {
             inner: api::AgentClient::new(client),
             endpoint,
             timeout,
+            in_flight: Arc::default(),
         })
     }
 
@@ -303,6 +340,17 @@ impl AgentClient {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The calls on this connection still waiting for an answer, oldest first, with how
+    /// long each has waited.
+    pub fn in_flight(&self) -> Vec<(&'static str, Duration)> {
+        let now = Instant::now();
+        self.in_flight
+            .calls()
+            .iter()
+            .map(|(_, name, at)| (*name, now.saturating_duration_since(*at)))
+            .collect()
     }
 
     /// The same connection with another default per-call timeout.
@@ -325,6 +373,9 @@ impl AgentClient {
             None => ttrpc::context::Context::default(),
         };
         let started = Instant::now();
+        let id = self.in_flight.next.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.calls().push((id, name, started));
+        let _guard = InFlightGuard(&self.in_flight, id);
         let result = f(&self.inner, ctx)
             .map_err(|e| AgentError::from_ttrpc(name, timeout.unwrap_or_default(), e));
         tracing::trace!(call = name, elapsed = ?started.elapsed(), ok = result.is_ok(), "agent call");

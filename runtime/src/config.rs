@@ -18,6 +18,12 @@
 //! image_dir = "/var/lib/cocoon/images"  # shared read-only image disks (EROFS)
 //! state_dir = "/run/cocoon"      # per-sandbox directories: sockets, logs, pid files, disks
 //! log_level = "info"             # tracing filter for the shim: a level or `target=level,...`
+//!
+//! [liveness]                     # when a pod VM counts as unresponsive or dead (crate::liveness)
+//! stop_timeout_secs = 10         # a stop-path agent call (kill, remove, shutdown) unanswered this long: VM dead
+//! ping_interval_secs = 5         # the idle health check pings the agent this often
+//! unresponsive_after_secs = 20   # no answer this long: marked unresponsive (logged, `cocoon ps`)
+//! dead_after_secs = 120          # no answer this long: VM declared dead, pod's processes exit 255 (0: never)
 //! ```
 //!
 //! `quiet` keeps the guest's boot log (`console.log`, `cocoon console`) to warnings and
@@ -61,6 +67,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use tracing::debug;
@@ -119,6 +126,76 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The shim's tracing filter.
     pub log_level: String,
+    /// When a pod VM that does not answer is marked unresponsive or declared dead.
+    pub liveness: Liveness,
+}
+
+/// The liveness rule's thresholds (`[liveness]`), see [`crate::liveness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Liveness {
+    /// How long a stop-path agent call (SIGKILL, container removal, storage removal) may
+    /// go unanswered before the VM is declared dead.
+    pub stop_timeout_secs: u64,
+    /// How often the idle health check pings the agent.
+    pub ping_interval_secs: u64,
+    /// Silence after which the VM is marked unresponsive (logged with its signature,
+    /// shown by `cocoon ps`); the mark goes when the agent answers again.
+    pub unresponsive_after_secs: u64,
+    /// Silence after which the VM is declared dead and killed; 0: never (the stop path
+    /// still declares it dead when a stop-path call goes unanswered).
+    pub dead_after_secs: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            stop_timeout_secs: 10,
+            ping_interval_secs: 5,
+            unresponsive_after_secs: 20,
+            dead_after_secs: 120,
+        }
+    }
+}
+
+impl Liveness {
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.stop_timeout_secs)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs)
+    }
+
+    pub fn unresponsive_after(&self) -> Duration {
+        Duration::from_secs(self.unresponsive_after_secs)
+    }
+
+    /// `None`: the health check never kills.
+    pub fn dead_after(&self) -> Option<Duration> {
+        (self.dead_after_secs > 0).then(|| Duration::from_secs(self.dead_after_secs))
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.stop_timeout_secs == 0 || self.ping_interval_secs == 0 {
+            return Err(
+                "liveness: stop_timeout_secs and ping_interval_secs must be at least 1".into(),
+            );
+        }
+        if self.unresponsive_after_secs < self.ping_interval_secs {
+            return Err(format!(
+                "liveness: unresponsive_after_secs {} must be at least ping_interval_secs ({})",
+                self.unresponsive_after_secs, self.ping_interval_secs
+            ));
+        }
+        if self.dead_after_secs != 0 && self.dead_after_secs <= self.unresponsive_after_secs {
+            return Err(format!(
+                "liveness: dead_after_secs {} must be 0 (never) or above unresponsive_after_secs ({})",
+                self.dead_after_secs, self.unresponsive_after_secs
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -137,6 +214,7 @@ impl Default for Config {
             image_dir: "/var/lib/cocoon/images".into(),
             state_dir: "/run/cocoon".into(),
             log_level: "info".into(),
+            liveness: Liveness::default(),
         }
     }
 }
@@ -243,7 +321,7 @@ impl Config {
         if self.log_level.trim().is_empty() {
             return Err("log_level must not be empty".into());
         }
-        Ok(())
+        self.liveness.validate()
     }
 
     /// The state directory of one sandbox.
@@ -445,6 +523,29 @@ state_dir = "/tmp/cocoon-state"
         );
         let c = parse("writable_disk_size = 1073741824").expect("bytes");
         assert_eq!(c.writable_disk_size, 1 << 30);
+    }
+
+    #[test]
+    fn liveness_table_parses_and_is_checked() {
+        let c = parse("[liveness]\nstop_timeout_secs = 3\ndead_after_secs = 0\n").expect("parse");
+        assert_eq!(c.liveness.stop_timeout(), Duration::from_secs(3));
+        assert_eq!(c.liveness.dead_after(), None);
+        assert_eq!(
+            c.liveness.unresponsive_after(),
+            Liveness::default().unresponsive_after()
+        );
+        for (text, want) in [
+            ("[liveness]\nstop_timeout_secs = 0", "stop_timeout_secs"),
+            (
+                "[liveness]\nunresponsive_after_secs = 2",
+                "unresponsive_after_secs 2",
+            ),
+            ("[liveness]\ndead_after_secs = 20", "dead_after_secs 20"),
+            ("[liveness]\ndead_after = 20", "dead_after"),
+        ] {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod events;
 pub mod files;
 pub mod host;
 pub mod image;
+pub mod liveness;
 pub mod podnet;
 pub mod sandbox;
 pub mod spec;

@@ -20,8 +20,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use tracing::{debug, error, info, warn};
@@ -32,6 +32,7 @@ use crate::agent::{
 use crate::config::{Config, ContainerLimits, VmSize};
 use crate::files;
 use crate::image::ImageCache;
+use crate::liveness::{self, Change, Tracker};
 use crate::spec::{self, GuestNamespaces};
 use crate::state::PodRecord;
 use crate::task::TaskError;
@@ -43,6 +44,13 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a VM shutdown may take before the VMM is killed.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM declared dead may take to be seen ended after its VMM was killed.
+const DEAD_VM_END_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Plain values behind these locks: a panicked holder leaves nothing half-updated.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A running pod VM.
 pub struct Pod {
@@ -62,6 +70,12 @@ pub struct Pod {
     ended_cv: Condvar,
     /// A stop was asked for (kill of the sandbox task): its end is not a failure.
     pub stop_requested: AtomicBool,
+    /// The VM's vCPUs are stopped on request (Pause of the sandbox): its silence is excused.
+    paused: AtomicBool,
+    /// The idle health check's state ([`crate::liveness`]).
+    liveness: Mutex<Tracker>,
+    /// Why the VM was declared dead, once it has been.
+    declared_dead: Mutex<Option<String>>,
     /// Copied host sources: guest path and last signature.
     synced: Mutex<HashMap<PathBuf, (String, String)>>,
 }
@@ -225,6 +239,9 @@ impl Pod {
             ended: Mutex::new(None),
             ended_cv: Condvar::new(),
             stop_requested: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            liveness: Mutex::new(Tracker::new(Instant::now())),
+            declared_dead: Mutex::new(None),
             synced: Mutex::new(HashMap::new()),
         }))
     }
@@ -305,7 +322,9 @@ impl Pod {
             .lock()
             .map_err(|_| TaskError::FailedPrecondition("VMM lock poisoned".into()))?;
         v.pause()
-            .map_err(TaskError::runtime(format!("sandbox {}: pause", self.id)))
+            .map_err(TaskError::runtime(format!("sandbox {}: pause", self.id)))?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     pub fn resume_vm(&self) -> Result<(), TaskError> {
@@ -315,7 +334,11 @@ impl Pod {
             .lock()
             .map_err(|_| TaskError::FailedPrecondition("VMM lock poisoned".into()))?;
         v.resume()
-            .map_err(TaskError::runtime(format!("sandbox {}: resume", self.id)))
+            .map_err(TaskError::runtime(format!("sandbox {}: resume", self.id)))?;
+        // The silence of the pause ends now, not at the next ping.
+        lock(&self.liveness).excuse(Instant::now());
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The VMM's stats object.
@@ -358,7 +381,10 @@ impl Pod {
                 }
             }
         }
-        let reason = if self.stop_requested.load(Ordering::SeqCst) {
+        let declared = lock(&self.declared_dead).clone();
+        let reason = if let Some(why) = declared {
+            format!("declared dead: {why}")
+        } else if self.stop_requested.load(Ordering::SeqCst) {
             "stopped".to_string()
         } else {
             let log = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
@@ -370,6 +396,123 @@ impl Pod {
         }
         self.ended_cv.notify_all();
         reason
+    }
+
+    /// The liveness rule ([`crate::liveness`]): the VM does not answer, so it is dead.
+    /// Logs its signature once, kills the VMM and waits (bounded) until the pod's monitor
+    /// has seen the end, so that the pod's exits follow at once. Idempotent.
+    pub fn declare_dead(&self, why: &str) {
+        {
+            let mut declared = lock(&self.declared_dead);
+            if declared.is_some() || self.ended().is_some() {
+                drop(declared);
+                self.wait_ended(DEAD_VM_END_TIMEOUT);
+                return;
+            }
+            *declared = Some(why.to_string());
+        }
+        let in_flight: Vec<String> = self
+            .agent
+            .in_flight()
+            .iter()
+            .map(|(call, waited)| format!("{call} for {:.1} s", waited.as_secs_f64()))
+            .collect();
+        let threads = liveness::signature(self.vmm_pid, Duration::from_secs(1));
+        let console = last_lines(&self.dir.join("console.log"), 20).join("\n");
+        error!(sandbox = %self.id, vmm_pid = self.vmm_pid, why, in_flight = ?in_flight,
+            vmm_threads = %threads, console = %console,
+            "pod VM declared dead: killing its VMM; every process of the pod is reported exited");
+        match self.vmm.lock() {
+            Ok(mut v) => {
+                if let Err(e) = v.kill() {
+                    error!(sandbox = %self.id, error = %e, "killing the VMM of a dead VM");
+                }
+            }
+            Err(_) => error!(sandbox = %self.id, "VMM lock poisoned: cannot kill the VMM"),
+        }
+        if !self.wait_ended(DEAD_VM_END_TIMEOUT) {
+            error!(sandbox = %self.id, "the VMM of a dead VM has not ended");
+        }
+    }
+
+    /// Whether the VM was declared dead.
+    pub fn is_declared_dead(&self) -> bool {
+        lock(&self.declared_dead).is_some()
+    }
+
+    /// The idle health check ([`crate::liveness`]): pings the agent until the VM ends,
+    /// marks it unresponsive after `unresponsive_after` of silence (with its signature in
+    /// the log and `pod.json`), clears the mark when it answers again, and declares it
+    /// dead after `dead_after`. Run by the pod's liveness thread.
+    pub fn watch_liveness(&self) {
+        let rule = self.config.liveness;
+        let ping = self.agent.with_timeout(rule.ping_interval());
+        loop {
+            let started = Instant::now();
+            let change = if self.paused.load(Ordering::SeqCst) {
+                lock(&self.liveness).excuse(started);
+                Change::None
+            } else {
+                match ping.hello() {
+                    Ok(_) => lock(&self.liveness).answered(Instant::now()),
+                    Err(e) => {
+                        debug!(sandbox = %self.id, error = %e, "health check: no answer");
+                        if self.ended().is_some() {
+                            return;
+                        }
+                        // A pause that began while the ping waited excuses its silence.
+                        if self.paused.load(Ordering::SeqCst) {
+                            Change::None
+                        } else {
+                            lock(&self.liveness).unanswered(Instant::now(), &rule)
+                        }
+                    }
+                }
+            };
+            match change {
+                Change::None => {}
+                Change::Unresponsive { silent } => {
+                    let threads = liveness::signature(self.vmm_pid, Duration::from_secs(1));
+                    let console = last_lines(&self.dir.join("console.log"), 10).join("\n");
+                    error!(sandbox = %self.id, vmm_pid = self.vmm_pid,
+                        silent_secs = silent.as_secs(), in_flight = ?self.agent.in_flight(),
+                        vmm_threads = %threads, console = %console,
+                        "pod VM unresponsive: the agent has not answered");
+                    let since = SystemTime::now()
+                        .checked_sub(silent)
+                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    self.record_liveness(|r| {
+                        r.unresponsive_since = since;
+                        r.unresponsive_count = r.unresponsive_count.saturating_add(1);
+                    });
+                }
+                Change::Recovered { silent } => {
+                    warn!(sandbox = %self.id, silent_secs = silent.as_secs(),
+                        "pod VM answers again");
+                    self.record_liveness(|r| r.unresponsive_since = None);
+                }
+                Change::Dead { silent } => {
+                    self.declare_dead(&format!(
+                        "the agent has not answered the health check for {} s \
+                         (liveness.dead_after_secs {})",
+                        silent.as_secs(),
+                        rule.dead_after_secs
+                    ));
+                    return;
+                }
+            }
+            let rest = rule.ping_interval().saturating_sub(started.elapsed());
+            if self.wait_ended(rest) {
+                return;
+            }
+        }
+    }
+
+    fn record_liveness(&self, f: impl FnOnce(&mut PodRecord)) {
+        if let Err(e) = self.update_record(f) {
+            warn!(sandbox = %self.id, error = %e, "recording the VM's liveness");
+        }
     }
 
     /// Waits up to `timeout` for the VM to have ended; true if it has.

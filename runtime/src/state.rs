@@ -51,6 +51,13 @@ pub struct PodRecord {
     pub next_disk: u32,
     #[serde(default)]
     pub containers: BTreeMap<String, ContainerRecord>,
+    /// While the VM is marked unresponsive (crate::liveness): since when the agent has
+    /// not answered, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub unresponsive_since: Option<u64>,
+    /// How often the VM has been marked unresponsive.
+    #[serde(default)]
+    pub unresponsive_count: u32,
 }
 
 impl PodRecord {

@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn overlay_mounts_and_unmounts_when_root() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+            crate::cannot_run("needs root");
             return;
         }
         let t = tempfile::tempdir().expect("tempdir");

@@ -182,7 +182,7 @@ fn containers_run_on_the_host() {
         return lifecycle_inside_namespaces();
     }
     if let Some(why) = host_test_blocker() {
-        eprintln!("skipped: {why}");
+        crate::cannot_run(&why);
         return;
     }
     // A fresh pid namespace makes the test process PID 1, so container processes are

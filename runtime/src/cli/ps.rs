@@ -23,7 +23,9 @@ const ANNOTATION_POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Sandbox {
     pub id: String,
-    /// `running`, `dead` (a pid file whose VMM is gone) or `no-vmm` (no pid file).
+    /// `running`, `unresponsive` (running, but its agent has not answered the health
+    /// check for `liveness.unresponsive_after_secs`), `dead` (a pid file whose VMM is
+    /// gone) or `no-vmm` (no pid file).
     pub state: &'static str,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
@@ -34,6 +36,10 @@ pub struct Sandbox {
     pub memory_mib: Option<u32>,
     pub vmm_rss_kib: Option<u64>,
     pub uptime_secs: Option<u64>,
+    /// While unresponsive: since when the agent has not answered (Unix seconds).
+    pub unresponsive_since: Option<u64>,
+    /// How often the VM has been marked unresponsive.
+    pub unresponsive_count: u32,
     /// Problems met while reading this sandbox (an unreadable record, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -56,7 +62,11 @@ fn inspect(config: &Config, id: &str, bundles: &Path) -> Result<Sandbox> {
         ..Default::default()
     };
     match PodRecord::load(&dir) {
-        Ok(Some(record)) => sb.containers = Some(record.containers.len()),
+        Ok(Some(record)) => {
+            sb.containers = Some(record.containers.len());
+            sb.unresponsive_since = record.unresponsive_since;
+            sb.unresponsive_count = record.unresponsive_count;
+        }
         Ok(None) => {}
         Err(e) => sb.warnings.push(e.to_string()),
     }
@@ -66,7 +76,11 @@ fn inspect(config: &Config, id: &str, bundles: &Path) -> Result<Sandbox> {
     match vmm_state(config, id) {
         Ok(VmmState::Running(vmm)) => {
             let pid = vmm.pid();
-            sb.state = "running";
+            sb.state = if sb.unresponsive_since.is_some() {
+                "unresponsive"
+            } else {
+                "running"
+            };
             sb.vmm_pid = Some(pid);
             if let Some(args) = procfs::cmdline(pid) {
                 sb.vcpus = procfs::flag_value(&args, "--vcpus").and_then(|v| v.parse().ok());
@@ -170,6 +184,8 @@ mod tests {
                 memory_mib: Some(512),
                 vmm_rss_kib: Some(2048),
                 uptime_secs: Some(125),
+                unresponsive_since: None,
+                unresponsive_count: 0,
                 warnings: vec![],
             },
             Sandbox {
@@ -203,6 +219,7 @@ mod tests {
         let dir = config.sandbox_dir("sb1");
         let mut record = PodRecord::new("sb1");
         record.containers.insert("c1".into(), Default::default());
+        record.unresponsive_count = 2;
         record.save(&dir).expect("save");
         std::fs::write(dir.join("vmm.pid"), "999999999 1\n").expect("pid");
         std::fs::create_dir_all(config.sandbox_dir("sb2")).expect("mkdir");
@@ -221,5 +238,24 @@ mod tests {
         let json = serde_json::to_value(&list).expect("json");
         assert_eq!(json[0]["id"], "sb1");
         assert_eq!(json[0]["vmm_pid"], Value::Null);
+        assert_eq!(json[0]["unresponsive_count"], 2);
+    }
+
+    #[test]
+    fn the_unresponsive_mark_never_outlives_the_vmm() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            state_dir: tmp.path().join("run"),
+            ..Config::default()
+        };
+        let dir = config.sandbox_dir("sb1");
+        let mut record = PodRecord::new("sb1");
+        record.unresponsive_since = Some(1_700_000_000);
+        record.save(&dir).expect("save");
+        std::fs::write(dir.join("vmm.pid"), "999999999 1\n").expect("pid");
+        let list = list(&config, &tmp.path().join("bundles")).expect("list");
+        // The VMM is gone: the sandbox is dead, whatever the record last said.
+        assert_eq!(list[0].state, "dead");
+        assert_eq!(list[0].unresponsive_since, Some(1_700_000_000));
     }
 }

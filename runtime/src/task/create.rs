@@ -9,7 +9,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::{Container, CreateRequest, Proc, RootfsMount, Service, TaskError};
-use crate::agent::{AddStorageRequest, CopyFileRequest, Rootfs};
+use crate::agent::{AddStorageRequest, AgentError, CopyFileRequest, Rootfs};
 use crate::events::TaskEvent;
 use crate::sandbox::Pod;
 use crate::spec::{self, SourceKind};
@@ -303,17 +303,26 @@ impl Service {
     /// drive slots, the image reference, the writable disk. Best effort, logged.
     pub(crate) fn release_container(&self, pod: &Pod, c: &Container) {
         let (image_mount, writable_mount) = guest_mounts(&c.id);
-        if pod.ended().is_none() {
-            if let Err(e) = pod.agent.remove_container(&c.id) {
-                if e.code() != Some(crate::agent::Code::NOT_FOUND) {
-                    warn!(container = %c.id, error = %e, "RemoveContainer");
-                }
+        // A removal the agent does not answer declares the VM dead (crate::liveness):
+        // the rest is then host-side only.
+        let agent = pod.agent.with_timeout(pod.config.liveness.stop_timeout());
+        let answered = |what: &str, result: Result<(), AgentError>| match result {
+            Ok(()) => true,
+            Err(e) if e.is_no_answer() => {
+                pod.declare_dead(&format!("container {}: {what}: {e}", c.id));
+                false
             }
+            Err(e) => {
+                if e.code() != Some(crate::agent::Code::NOT_FOUND) {
+                    warn!(container = %c.id, error = %e, "{what}");
+                }
+                true
+            }
+        };
+        if pod.ended().is_none() && answered("RemoveContainer", agent.remove_container(&c.id)) {
             for m in [&image_mount, &writable_mount] {
-                if let Err(e) = pod.agent.remove_storage(m) {
-                    if e.code() != Some(crate::agent::Code::NOT_FOUND) {
-                        warn!(container = %c.id, mount = %m, error = %e, "RemoveStorage");
-                    }
+                if !answered("RemoveStorage", agent.remove_storage(m)) {
+                    break;
                 }
             }
         }

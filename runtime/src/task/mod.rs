@@ -39,6 +39,7 @@ pub use stats::Stats;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, SystemTime};
@@ -54,6 +55,8 @@ use crate::stdio::{ProcessIo, StdioPaths};
 pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The agent's long-poll for events.
 const EVENT_POLL: Duration = Duration::from_secs(5);
+/// How a process killed by SIGKILL exits, as a shell reports it.
+const SIGKILL_EXIT_STATUS: u32 = 128 + 9;
 
 /// One rootfs mount as containerd passes it in CreateTaskRequest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -117,6 +120,9 @@ pub(crate) struct Proc {
     inner: Mutex<ProcInner>,
     cv: Condvar,
     io: Mutex<Arc<ProcessIo>>,
+    /// A SIGKILL was asked for: if the VM dies before the agent reports the exit, the
+    /// process still ends as killed (137), not as lost with the VM (255).
+    sigkill_requested: AtomicBool,
 }
 
 impl Proc {
@@ -133,6 +139,7 @@ impl Proc {
             }),
             cv: Condvar::new(),
             io: Mutex::new(Arc::new(ProcessIo::none())),
+            sigkill_requested: AtomicBool::new(false),
         }
     }
 
@@ -293,6 +300,8 @@ impl Service {
         let (svc, p) = (self.clone(), pod.clone());
         spawn("agent-events", Box::new(move || svc.poll_events(&p)));
         let p = pod.clone();
+        spawn("liveness", Box::new(move || p.watch_liveness()));
+        let p = pod.clone();
         spawn("console", Box::new(move || p.forward_console()));
         let p = pod.clone();
         spawn(
@@ -388,24 +397,30 @@ impl Service {
         }
     }
 
-    /// The VM ended: every process still running has exited with it.
+    /// The VM ended: every process still running has exited with it (137 if a SIGKILL
+    /// was asked for it, 255 otherwise).
     fn vm_ended(&self, pod: &Pod, reason: &str) {
-        let requested = pod.stop_requested.load(std::sync::atomic::Ordering::SeqCst);
-        if requested {
+        let requested = pod.stop_requested.load(Ordering::SeqCst);
+        if requested && !pod.is_declared_dead() {
             info!(sandbox = %pod.id, "VM stopped");
         } else {
-            error!(sandbox = %pod.id, reason, "VM ended: marking the pod's processes exited (status 255)");
+            error!(sandbox = %pod.id, reason, "VM ended: marking the pod's processes exited");
         }
         let now = SystemTime::now();
         let procs: Vec<Arc<Proc>> = self.procs().values().cloned().collect();
         let sandbox_proc = procs.iter().find(|p| p.container_id == pod.id).cloned();
         for p in procs.iter().filter(|p| p.container_id != pod.id) {
-            self.finish(p, VM_GONE_EXIT_STATUS, now, Duration::from_secs(1));
+            let status = if p.sigkill_requested.load(Ordering::SeqCst) {
+                SIGKILL_EXIT_STATUS
+            } else {
+                VM_GONE_EXIT_STATUS
+            };
+            self.finish(p, status, now, Duration::from_secs(1));
         }
         if let Some(p) = sandbox_proc {
             // A stop the sandbox's kill asked for is the SIGKILL containerd sent.
             let status = if requested {
-                128 + 9
+                SIGKILL_EXIT_STATUS
             } else {
                 VM_GONE_EXIT_STATUS
             };
