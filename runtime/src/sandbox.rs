@@ -318,8 +318,8 @@ impl Pod {
             .map_err(TaskError::runtime(format!("sandbox {}: resume", self.id)))
     }
 
-    /// The VMM's stats object.
-    pub fn vmm_stats(&self) -> Result<Value, TaskError> {
+    /// The VMM's stats.
+    pub fn vmm_stats(&self) -> Result<vmm_api::Stats, TaskError> {
         self.check_running()?;
         let v = self
             .vmm
