@@ -28,6 +28,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use vmm_api::control::Request;
 
 /// The file (under `$COCOON_LAB_OUT`) the figures come back from the lab in.
 const FIGURES: &str = "cri-bench-figures.txt";
@@ -471,12 +472,11 @@ impl Bench<'_> {
             let config =
                 cocoon_runtime::config::Config::load(&config_path).map_err(|e| anyhow!("{e}"))?;
             let sock = config.sandbox_dir(&pod).join("control.sock");
-            let stats = vmm::control_request(&sock, r#"{"op":"stats"}"#)
-                .with_context(|| format!("stats on {}", sock.display()))?;
-            let kib = stats["stats"]["guest_touched_kib"]
-                .as_f64()
-                .ok_or_else(|| anyhow!("no guest_touched_kib in {stats}"))?;
-            Some(kib / 1024.0)
+            let stats = vmm::control_request(&sock, &Request::Stats {})
+                .with_context(|| format!("stats on {}", sock.display()))?
+                .stats
+                .ok_or_else(|| anyhow!("a stats reply without stats from {}", sock.display()))?;
+            Some(stats.guest_touched_kib as f64 / 1024.0)
         } else {
             None
         };

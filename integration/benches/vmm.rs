@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmm_api::control::Request;
 
 const RUNS: usize = 10;
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -107,10 +108,10 @@ fn native() -> Result<ExitCode, String> {
         };
         first_run.push(run_ns.saturating_sub(spawned) as f64 / 1e6);
         let stats = vm
-            .control(r#"{"op":"stats"}"#)
+            .control(&Request::Stats {})
             .map_err(|e| format!("stats: {e}"))?;
-        rss.push(stats["stats"]["vmm_rss_kib"].as_f64().unwrap_or(f64::NAN));
-        let _ = vm.control(r#"{"op":"shutdown"}"#);
+        rss.push(stats.stats.map_or(f64::NAN, |s| s.vmm_rss_kib as f64));
+        let _ = vm.control(&Request::Shutdown {});
         let out = vm
             .finish(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
@@ -286,8 +287,7 @@ fn vsock_mbps(uds: &Path, port: u32, streams: u64, bytes: u64, send: bool) -> Re
         .map(|_| {
             let uds = uds.to_path_buf();
             std::thread::spawn(move || -> Result<(), String> {
-                let mut c =
-                    cocoon_integration::vsock::connect(&uds, port).map_err(|e| e.to_string())?;
+                let mut c = cocoon_integration::vsock::connect(&uds, port)?;
                 let mut buf = vec![0u8; 256 * 1024];
                 if send {
                     let mut left = bytes;

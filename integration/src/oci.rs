@@ -511,6 +511,7 @@ pub mod pod_vm {
     };
     use std::path::{Path, PathBuf};
     use std::time::Duration;
+    use vmm_api::control::Request;
 
     /// Boot to ready, generous for nested KVM under TCG.
     pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -663,28 +664,21 @@ pub mod pod_vm {
             serial: &str,
         ) -> Result<(), String> {
             let vm = self.vm.as_ref().ok_or("the VM is gone")?;
-            let req = serde_json::json!({
-                "op": "swap", "slot": slot, "path": path, "read_only": read_only, "serial": serial,
-            });
-            let reply = vm
-                .control(&req.to_string())
-                .map_err(|e| format!("control swap slot {slot}: {e}"))?;
-            if reply["ok"] != true {
-                return Err(format!("swap {} into slot {slot}: {reply}", path.display()));
-            }
+            vm.control(&Request::Swap {
+                slot,
+                path: path.into(),
+                read_only,
+                serial: Some(serial.into()),
+            })
+            .map_err(|e| format!("swap {} into slot {slot}: {e}", path.display()))?;
             Ok(())
         }
 
         /// Empties drive slot `slot` over the VMM's control socket.
         pub fn eject(&self, slot: usize) -> Result<(), String> {
             let vm = self.vm.as_ref().ok_or("the VM is gone")?;
-            let req = serde_json::json!({ "op": "eject", "slot": slot });
-            let reply = vm
-                .control(&req.to_string())
-                .map_err(|e| format!("control eject slot {slot}: {e}"))?;
-            if reply["ok"] != true {
-                return Err(format!("eject slot {slot}: {reply}"));
-            }
+            vm.control(&Request::Eject { slot })
+                .map_err(|e| format!("eject slot {slot}: {e}"))?;
             Ok(())
         }
 
@@ -719,10 +713,10 @@ pub mod pod_vm {
             if let Some(vm) = &self.vm {
                 let stats = vmm::control_request_within(
                     &self.dir.path().join("control.sock"),
-                    r#"{"op":"stats"}"#,
+                    &Request::Stats {},
                     Duration::from_secs(5),
                 )
-                .map(|v| v.to_string())
+                .map(|reply| format!("{:?}", reply.stats))
                 .unwrap_or_else(|e| format!("no answer: {e}"));
                 t.push_str(&format!(
                     "\n--- vmm threads (pid {}) ---\n{}\n--- vmm stats ---\n{stats}",

@@ -2,18 +2,26 @@
 //! its control socket, and collect how it ended.
 
 use crate::console::{self, Lines, Next};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm_api::control::{ControlClient, ControlError, Reply, Request};
 
 /// The `cocoon-vmm` binary: `$COCOON_VMM`, else the workspace's debug build.
 pub fn vmm_binary() -> PathBuf {
     std::env::var_os("COCOON_VMM")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::paths::repo_root().join("target/debug/cocoon-vmm"))
+}
+
+/// Why [`RunningVmm::control`] got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum VmControlError {
+    #[error("the VMM was started without --control-socket")]
+    NoControlSocket,
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// A running `cocoon-vmm`.
@@ -113,12 +121,14 @@ impl RunningVmm {
         }
     }
 
-    /// Sends one control request (a JSON object) and returns the JSON reply.
-    pub fn control(&self, request: &str) -> std::io::Result<serde_json::Value> {
-        let path = self.control_socket.as_deref().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no --control-socket given")
-        })?;
-        control_request(path, request)
+    /// Sends one control request and returns the reply; a refusal is
+    /// [`ControlError::Refused`].
+    pub fn control(&self, request: &Request) -> Result<Reply, VmControlError> {
+        let path = self
+            .control_socket
+            .as_deref()
+            .ok_or(VmControlError::NoControlSocket)?;
+        Ok(control_request(path, request)?)
     }
 
     pub fn pid(&self) -> u32 {
@@ -171,33 +181,27 @@ impl Drop for RunningVmm {
 }
 
 /// One request on a control socket, retried briefly while the VMM creates the socket.
-pub fn control_request(path: &Path, request: &str) -> std::io::Result<serde_json::Value> {
+pub fn control_request(path: &Path, request: &Request) -> Result<Reply, ControlError> {
     control_request_within(path, request, Duration::from_secs(30))
 }
 
 /// [`control_request`], waiting at most `timeout` for the answer.
 pub fn control_request_within(
     path: &Path,
-    request: &str,
+    request: &Request,
     timeout: Duration,
-) -> std::io::Result<serde_json::Value> {
+) -> Result<Reply, ControlError> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+    let mut client = loop {
+        match ControlClient::connect(path, timeout) {
+            Ok(c) => break c,
+            Err(ControlError::Connect { .. }) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e),
         }
     };
-    stream.set_read_timeout(Some(timeout))?;
-    let mut w = stream.try_clone()?;
-    w.write_all(format!("{request}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    client.request(request)
 }
 
 /// One thread of a process, as /proc shows it.

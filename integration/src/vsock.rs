@@ -1,8 +1,8 @@
-//! Host side of vsock tests: the hybrid-vsock handshake (`CONNECT <port>` / `OK <port>`,
-//! docs/vsock.md), echo listeners for guest-initiated connections, and the byte pattern
-//! both sides check (`cocoon-vsock-probe` uses the same one).
+//! Host side of vsock tests: connections to guest ports (the hybrid-vsock handshake is
+//! `vmm_api::vsock`, docs/vsock.md), echo listeners for guest-initiated connections, and
+//! the byte pattern both sides check (`cocoon-vsock-probe` uses the same one).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,32 +15,13 @@ pub fn pattern(stream: u64, offset: u64) -> u8 {
     (x >> 56) as u8
 }
 
-/// Connects to guest port `port` through the VMM's vsock socket.
-pub fn connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the reply byte by byte: anything after the newline is guest data.
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.len() < 64 {
-        if s.read(&mut b)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                format!("vsock CONNECT {port}: closed (no guest listener?)"),
-            ));
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        line.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&line);
-    if !text.starts_with("OK ") {
-        return Err(std::io::Error::other(format!(
-            "vsock CONNECT {port}: got {text:?}"
-        )));
-    }
+/// Connects to guest port `port` through the VMM's vsock socket; reads on the stream
+/// time out after a minute, so a stuck guest fails a test instead of hanging it.
+pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+    let (s, _) =
+        vmm_api::vsock::connect(uds, port, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| format!("vsock port {port}: setting a read timeout: {e}"))?;
     Ok(s)
 }
 

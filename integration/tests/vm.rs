@@ -13,6 +13,8 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use libtest_mimic::Failed;
 use std::process::ExitCode;
 use std::time::Duration;
+use vmm::VmControlError;
+use vmm_api::control::{ControlError, Request, Stats};
 
 fn main() -> ExitCode {
     cocoon_integration::vmtest::main(vec![
@@ -293,14 +295,18 @@ fn vmm_drive_swapped_into_empty_slot() -> Result<(), Failed> {
         return check(false, "guest never waited for the disk", &out);
     }
     let mode = std::fs::metadata(&sock)?.permissions();
-    let bad_slot = vm.control(&format!(
-        r#"{{"op":"swap","slot":1,"path":"{}"}}"#,
-        disk.display()
-    ))?;
-    let reply = vm.control(&format!(
-        r#"{{"op":"swap","slot":0,"path":"{}","read_only":true,"serial":"late"}}"#,
-        disk.display()
-    ))?;
+    let bad_slot = vm.control(&Request::Swap {
+        slot: 1,
+        path: disk.clone(),
+        read_only: false,
+        serial: None,
+    });
+    let reply = vm.control(&Request::Swap {
+        slot: 0,
+        path: disk.clone(),
+        read_only: true,
+        serial: Some("late".into()),
+    });
     let out = vm.finish(BOOT_TIMEOUT)?;
     check(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o600,
@@ -308,11 +314,11 @@ fn vmm_drive_swapped_into_empty_slot() -> Result<(), Failed> {
         &out,
     )?;
     check(
-        bad_slot["ok"] == false && bad_slot["error"].as_str().unwrap_or("").contains("slot 1"),
-        &format!("out-of-range slot not refused: {bad_slot}"),
+        matches!(&bad_slot, Err(VmControlError::Control(ControlError::Refused(m))) if m.contains("slot 1")),
+        &format!("out-of-range slot not refused: {bad_slot:?}"),
         &out,
     )?;
-    check(reply["ok"] == true, &format!("swap failed: {reply}"), &out)?;
+    check(reply.is_ok(), &format!("swap failed: {reply:?}"), &out)?;
     check(
         out.console.iter().any(|l| l == "SIZE0=0"),
         "slot was not empty",
@@ -356,35 +362,35 @@ fn vmm_control_pause_resume_stats_shutdown() -> Result<(), Failed> {
         let out = vm.finish(Duration::from_secs(1))?;
         return check(false, "guest never ticked", &out);
     }
-    let paused = vm.control(r#"{"op":"pause"}"#)?;
+    let paused = vm.control(&Request::Pause {});
     // Drain what was in flight, then a paused guest prints nothing.
     let _ = vm.wait_for(|_| false, Duration::from_millis(500));
     let silent = vm.wait_for(|l| l.starts_with("TICK="), Duration::from_secs(3));
-    let stats = vm.control(r#"{"op":"stats"}"#)?;
-    let resumed = vm.control(r#"{"op":"resume"}"#)?;
+    let stats = vm.control(&Request::Stats {})?;
+    let resumed = vm.control(&Request::Resume {});
     let ticked = vm.wait_for(|l| l.starts_with("TICK="), Duration::from_secs(30));
-    let bye = vm.control(r#"{"op":"shutdown"}"#)?;
+    let bye = vm.control(&Request::Shutdown {});
     let out = vm.finish(Duration::from_secs(30))?;
-    check(paused["ok"] == true, &format!("pause: {paused}"), &out)?;
+    check(paused.is_ok(), &format!("pause: {paused:?}"), &out)?;
     check(
         silent.is_none(),
         &format!("paused guest still ran: {silent:?}"),
         &out,
     )?;
-    let s = &stats["stats"];
     check(
-        s["paused"] == true
-            && s["guest_touched_kib"].as_u64().unwrap_or(0) > 1024
-            && s["vmm_rss_kib"].as_u64().unwrap_or(0) > 0,
-        &format!("stats: {stats}"),
+        stats
+            .stats
+            .as_ref()
+            .is_some_and(|s| s.paused && s.guest_touched_kib > 1024 && s.vmm_rss_kib > 0),
+        &format!("stats: {stats:?}"),
         &out,
     )?;
     check(
-        resumed["ok"] == true && ticked.is_some(),
+        resumed.is_ok() && ticked.is_some(),
         "guest did not resume",
         &out,
     )?;
-    check(bye["ok"] == true, &format!("shutdown: {bye}"), &out)?;
+    check(bye.is_ok(), &format!("shutdown: {bye:?}"), &out)?;
     check(
         out.code() == Some(0),
         "VMM did not exit 0 after shutdown",
@@ -416,41 +422,43 @@ fn vmm_memory_the_guest_frees_goes_back_to_the_host() -> Result<(), Failed> {
         sock.display().to_string(),
     ]);
     let mut vm = vmm::start(&args)?;
-    let kib = |stats: &serde_json::Value, key: &str| stats["stats"][key].as_u64().unwrap_or(0);
+    let stats = |vm: &vmm::RunningVmm| -> Result<Stats, String> {
+        let reply = vm.control(&Request::Stats {}).map_err(|e| e.to_string())?;
+        reply
+            .stats
+            .ok_or_else(|| "a stats reply without stats".into())
+    };
     if vm.wait_for(|l| l == "FILLED", BOOT_TIMEOUT).is_none() {
         let out = vm.finish(Duration::from_secs(1))?;
         return check(false, "guest never filled its memory", &out);
     }
-    let filled = vm.control(r#"{"op":"stats"}"#)?;
+    let filled = stats(&vm)?;
     let freed = vm.wait_for(|l| l == "FREED", Duration::from_secs(60));
     // Linux reports freed blocks about 2 s later; the lab is slow.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut after = vm.control(r#"{"op":"stats"}"#)?;
-    while kib(&filled, "guest_touched_kib")
-        < kib(&after, "guest_touched_kib") + FILL_MIB * 1024 * 3 / 4
+    let mut after = stats(&vm)?;
+    while filled.guest_touched_kib < after.guest_touched_kib + FILL_MIB * 1024 * 3 / 4
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(500));
-        after = vm.control(r#"{"op":"stats"}"#)?;
+        after = stats(&vm)?;
     }
-    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let _ = vm.control(&Request::Shutdown {});
     let out = vm.finish(Duration::from_secs(30))?;
     check(freed.is_some(), "guest did not delete its file", &out)?;
-    let what = format!("filled: {filled}\nafter: {after}");
+    let what = format!("filled: {filled:?}\nafter: {after:?}");
     check(
-        kib(&filled, "guest_touched_kib") >= FILL_MIB * 1024,
+        filled.guest_touched_kib >= FILL_MIB * 1024,
         &format!("the guest's {FILL_MIB} MiB never reached the host: {what}"),
         &out,
     )?;
     check(
-        kib(&after, "free_page_reported_kib") >= FILL_MIB * 1024 * 3 / 4
-            && kib(&after, "free_page_reports") > 0,
+        after.free_page_reported_kib >= FILL_MIB * 1024 * 3 / 4 && after.free_page_reports > 0,
         &format!("the guest reported too little free memory: {what}"),
         &out,
     )?;
     check(
-        kib(&filled, "guest_touched_kib")
-            >= kib(&after, "guest_touched_kib") + FILL_MIB * 1024 * 3 / 4,
+        filled.guest_touched_kib >= after.guest_touched_kib + FILL_MIB * 1024 * 3 / 4,
         &format!("host memory did not drop by ~{FILL_MIB} MiB: {what}"),
         &out,
     )
@@ -541,10 +549,8 @@ fn vmm_vsock_streams_both_ways() -> Result<(), Failed> {
         }
     }
     // One large stream host → guest → host.
-    let big = connect(&uds, 5000)
-        .map_err(|e| e.to_string())
-        .and_then(|c| echo_check(c, 999, 4 << 20));
-    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let big = connect(&uds, 5000).and_then(|c| echo_check(c, 999, 4 << 20));
+    let _ = vm.control(&Request::Shutdown {});
     let out = vm.finish(Duration::from_secs(30))?;
     check(done.is_some(), "guest side did not finish", &out)?;
     check(
@@ -593,7 +599,7 @@ fn vmm_vsock_slow_host_gets_all_guest_data() -> Result<(), Failed> {
     let mut vm = vmm::start(&args)?;
     let ready = vm.wait_for(|l| l == "GUEST-READY", BOOT_TIMEOUT);
     let result = (|| -> Result<u64, String> {
-        let mut c = cocoon_integration::vsock::connect(&uds, 5001).map_err(|e| e.to_string())?;
+        let mut c = cocoon_integration::vsock::connect(&uds, 5001)?;
         c.write_all(&BYTES.to_le_bytes())
             .map_err(|e| e.to_string())?;
         // Past the guest's close timeout, within the VMM's linger time.
@@ -613,7 +619,7 @@ fn vmm_vsock_slow_host_gets_all_guest_data() -> Result<(), Failed> {
             got += n as u64;
         }
     })();
-    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let _ = vm.control(&Request::Shutdown {});
     let out = vm.finish(Duration::from_secs(30))?;
     check(ready.is_some(), "guest did not come up", &out)?;
     match result {
@@ -679,7 +685,7 @@ fn vmm_net_tcp_both_ways() -> Result<(), Failed> {
         )
         .output()?;
     eprintln!("net: peer side done after {:?}", vm.started.elapsed());
-    let _ = vm.control(r#"{"op":"shutdown"}"#);
+    let _ = vm.control(&Request::Shutdown {});
     let out = vm.finish(Duration::from_secs(30))?;
     let _ = peer.kill();
     let _ = peer.wait();

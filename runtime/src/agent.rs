@@ -34,8 +34,6 @@ pub use ttrpc::Code;
 /// Per-call timeout when the caller has no better idea.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Longest `OK <port>` line the VMM sends (docs/vsock.md: lines are at most 64 bytes).
-const MAX_HANDSHAKE_LINE: usize = 64;
 /// Longest stdio reply line we read (`err <reason>`): generous, but bounded.
 const MAX_STDIO_REPLY: usize = 4096;
 /// Longest ready line we read.
@@ -177,41 +175,16 @@ pub fn vsock_host_port_path(vsock: &Path, port: u32) -> PathBuf {
 
 /// Connects to guest port `port` through the VMM's hybrid vsock socket at `path`.
 pub fn vsock_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(path).map_err(|source| AgentError::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let fail = |reason: String| AgentError::Handshake {
-        path: path.to_path_buf(),
-        port,
-        reason,
-    };
-    set_timeouts(&s, Some(timeout)).map_err(|e| fail(format!("set socket timeout: {e}")))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| fail(format!("send CONNECT: {e}")))?;
-    let line = match read_line(&mut s, MAX_HANDSHAKE_LINE) {
-        Ok(Line::Complete(l)) => l,
-        Ok(Line::Eof) => return Err(fail("closed without OK (no listener in the guest?)".into())),
-        Ok(Line::TooLong) => return Err(fail("reply line too long".into())),
-        Err(e) if is_timeout(&e) => {
-            return Err(fail(format!("no OK within {timeout:?}")));
+    let (s, host_port) = vmm_api::vsock::connect(path, port, timeout).map_err(|e| match e {
+        vmm_api::vsock::VsockError::Connect { path, source } => {
+            AgentError::Connect { path, source }
         }
-        Err(e) => return Err(fail(format!("read reply: {e}"))),
-    };
-    let host_port = parse_ok_line(&line).map_err(fail)?;
+        vmm_api::vsock::VsockError::Handshake { path, port, reason } => {
+            AgentError::Handshake { path, port, reason }
+        }
+    })?;
     tracing::debug!(path = %path.display(), port, host_port, "vsock connected");
-    // ttrpc and stream users expect a plain blocking socket.
-    set_timeouts(&s, None).map_err(|e| fail(format!("clear socket timeout: {e}")))?;
     Ok(s)
-}
-
-/// Parses the VMM's `OK <host port>` line (without its newline).
-fn parse_ok_line(line: &[u8]) -> Result<u32, String> {
-    let text = std::str::from_utf8(line).map_err(|_| format!("non-UTF-8 reply {line:?}"))?;
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    text.strip_prefix("OK ")
-        .and_then(|p| p.parse::<u32>().ok())
-        .ok_or_else(|| format!("expected `OK <port>`, got {text:?}"))
 }
 
 enum Line {
@@ -890,15 +863,6 @@ mod tests {
         let err = vsock_connect(&sock, 1024, Duration::from_secs(1)).expect_err("no socket");
         assert!(matches!(err, AgentError::Connect { .. }));
         assert!(err.to_string().contains("absent.sock"), "{err}");
-    }
-
-    #[test]
-    fn ok_line_parsing() {
-        assert_eq!(parse_ok_line(b"OK 1073741824"), Ok(1 << 30));
-        assert_eq!(parse_ok_line(b"OK 5\r"), Ok(5));
-        for bad in [&b"OK"[..], b"OK -1", b"ok 5", b"OK 5 6", b"\xff"] {
-            assert!(parse_ok_line(bad).is_err(), "{bad:?}");
-        }
     }
 
     fn header(container: &str, stream: Stream) -> StdioHeader {

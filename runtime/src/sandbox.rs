@@ -341,8 +341,8 @@ impl Pod {
         Ok(())
     }
 
-    /// The VMM's stats object.
-    pub fn vmm_stats(&self) -> Result<Value, TaskError> {
+    /// The VMM's stats.
+    pub fn vmm_stats(&self) -> Result<vmm_api::Stats, TaskError> {
         self.check_running()?;
         let v = self
             .vmm

@@ -22,22 +22,21 @@
 //! its command line carries this sandbox's `--control-socket`. The signal goes through the
 //! pidfd, so a reused pid is never killed, not even in a race.
 //!
-//! The control socket speaks one JSON object per line each way (docs/vmm.md): swap,
-//! eject, pause, resume, stats, shutdown.
+//! The control socket speaks one JSON object per line each way (docs/vmm.md; the types
+//! and the client are `vmm-api`'s): swap, eject, pause, resume, stats, shutdown.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tracing::{debug, info, warn};
+use vmm_api::control::{ControlClient, ControlError, Reply, Request, Stats};
 
 use crate::config::{Config, VmSize};
 use crate::error::{tail, Error, Result};
@@ -367,44 +366,56 @@ impl VmmProcess {
         }
     }
 
-    /// Sends one control request and returns the VMM's reply (`{"ok":true,...}`);
-    /// `{"ok":false,"error":...}` becomes an error carrying the VMM's message.
-    pub fn control(&self, request: &Value) -> Result<Value> {
-        control_request(&self.control_socket, request, CONTROL_TIMEOUT)
-            .map_err(|message| self.err(format!("control request {request}: {message}")))
+    fn control_err(&self, request: &Request, e: ControlError) -> Error {
+        self.err(format!("control request {request:?}: {e}"))
+    }
+
+    /// Sends one control request on a new connection and returns the VMM's reply; a
+    /// refusal becomes an error carrying the VMM's message.
+    pub fn control(&self, request: &Request) -> Result<Reply> {
+        ControlClient::connect(&self.control_socket, CONTROL_TIMEOUT)
+            .and_then(|mut c| c.request(request))
+            .map_err(|e| self.control_err(request, e))
     }
 
     /// Puts `path` into drive slot `slot` with the virtio-blk serial `serial`.
     pub fn swap(&self, slot: u32, path: &Path, read_only: bool, serial: &str) -> Result<()> {
-        let path = path
-            .to_str()
-            .ok_or_else(|| self.err(format!("disk path {} is not UTF-8", path.display())))?;
-        self.control(&json!({
-            "op": "swap", "slot": slot, "path": path, "read_only": read_only, "serial": serial
-        }))?;
-        debug!(sandbox = %self.sandbox_id, slot, disk = path, serial, "drive swapped in");
+        if path.to_str().is_none() {
+            return Err(self.err(format!("disk path {} is not UTF-8", path.display())));
+        }
+        self.control(&Request::Swap {
+            slot: slot as usize,
+            path: path.into(),
+            read_only,
+            serial: Some(serial.into()),
+        })?;
+        debug!(sandbox = %self.sandbox_id, slot, disk = %path.display(), serial, "drive swapped in");
         Ok(())
     }
 
     /// Empties drive slot `slot`.
     pub fn eject(&self, slot: u32) -> Result<()> {
-        self.control(&json!({"op": "eject", "slot": slot}))?;
+        self.control(&Request::Eject {
+            slot: slot as usize,
+        })?;
         debug!(sandbox = %self.sandbox_id, slot, "drive ejected");
         Ok(())
     }
 
     pub fn pause(&self) -> Result<()> {
-        self.control(&json!({"op": "pause"})).map(drop)
+        self.control(&Request::Pause {}).map(drop)
     }
 
     pub fn resume(&self) -> Result<()> {
-        self.control(&json!({"op": "resume"})).map(drop)
+        self.control(&Request::Resume {}).map(drop)
     }
 
-    /// The VMM's `stats` object (vcpus, memory, RSS, slots; see docs/vmm.md).
-    pub fn stats(&self) -> Result<Value> {
-        let reply = self.control(&json!({"op": "stats"}))?;
-        Ok(reply.get("stats").cloned().unwrap_or(Value::Null))
+    /// The VMM's stats (vcpus, memory, RSS, slots; see docs/vmm.md).
+    pub fn stats(&self) -> Result<Stats> {
+        let request = Request::Stats {};
+        self.control(&request)?
+            .stats
+            .ok_or_else(|| self.control_err(&request, ControlError::NoStats))
     }
 
     /// Asks the VMM to stop (it flushes writable disks and exits 0) and waits up to
@@ -414,7 +425,7 @@ impl VmmProcess {
             let _ = fs::remove_file(&self.pid_file);
             return Ok(());
         }
-        match self.control(&json!({"op": "shutdown"})) {
+        match self.control(&Request::Shutdown {}) {
             Ok(_) => {
                 if self.wait_exit(timeout)? {
                     info!(sandbox = %self.sandbox_id, pid = self.pid, "VMM shut down");
@@ -516,43 +527,6 @@ impl VmmProcess {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         Ok(poll_readable(&pidfd, left) || proc_state(self.pid) == Some('Z'))
-    }
-}
-
-/// One request/reply exchange on a control socket; errors are plain messages.
-fn control_request(
-    socket: &Path,
-    request: &Value,
-    timeout: Duration,
-) -> std::result::Result<Value, String> {
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    let mut line = request.to_string();
-    line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| format!("writing to {}: {e}", socket.display()))?;
-    let mut reply = String::new();
-    BufReader::new(stream.take(1 << 20))
-        .read_line(&mut reply)
-        .map_err(|e| format!("reading from {}: {e}", socket.display()))?;
-    if reply.trim().is_empty() {
-        return Err("the VMM closed the connection without a reply".into());
-    }
-    let value: Value = serde_json::from_str(reply.trim())
-        .map_err(|e| format!("reply {:?} is not JSON: {e}", tail(&reply, 200)))?;
-    if value.get("ok").and_then(Value::as_bool) == Some(true) {
-        Ok(value)
-    } else {
-        Err(value
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("the VMM refused without a message")
-            .to_string())
     }
 }
 
@@ -675,26 +649,13 @@ impl Slots {
 
     /// Rebuilds the table from the VMM's `stats` (after a shim restart): a slot with a
     /// non-empty serial is in use.
-    pub fn from_stats(stats: &Value, count: u32) -> Result<Slots> {
+    pub fn from_stats(stats: &Stats, count: u32) -> Result<Slots> {
         let mut slots = Slots::new(count);
-        let list = stats
-            .get("slots")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Error::Slots("VMM stats carry no slot list".into()))?;
-        for entry in list {
-            let slot = entry
-                .get("slot")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| Error::Slots(format!("slot entry without a number: {entry}")))?;
-            let serial = entry.get("serial").and_then(Value::as_str).unwrap_or("");
-            if serial.is_empty() {
-                continue;
-            }
-            let cell = usize::try_from(slot)
-                .ok()
-                .and_then(|s| slots.serials.get_mut(s))
-                .ok_or_else(|| Error::Slots(format!("slot {slot} is beyond {count} slots")))?;
-            *cell = Some(serial.to_string());
+        for entry in stats.slots.iter().filter(|e| !e.serial.is_empty()) {
+            let cell = slots.serials.get_mut(entry.slot).ok_or_else(|| {
+                Error::Slots(format!("slot {} is beyond {count} slots", entry.slot))
+            })?;
+            *cell = Some(entry.serial.clone());
         }
         Ok(slots)
     }
@@ -896,27 +857,51 @@ mod tests {
         }
     }
 
+    fn stats_with(slots: &[(usize, &str)]) -> Stats {
+        Stats {
+            vcpus: 1,
+            memory_mib: 256,
+            paused: false,
+            vmm_rss_kib: 0,
+            guest_touched_kib: 0,
+            free_page_reported_kib: 0,
+            free_page_reports: 0,
+            slots: slots
+                .iter()
+                .map(|&(slot, serial)| vmm_api::SlotStats {
+                    slot,
+                    serial: serial.into(),
+                    read_only: false,
+                    capacity_sectors: if serial.is_empty() { 0 } else { 8 },
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn slots_come_back_from_stats() {
-        let stats = json!({"slots": [
-            {"slot": 0, "serial": "img-a", "read_only": true, "capacity_sectors": 8},
-            {"slot": 1, "serial": "", "read_only": false, "capacity_sectors": 0},
-            {"slot": 2, "serial": "rw-a", "read_only": false, "capacity_sectors": 8}
-        ]});
+        let stats = stats_with(&[(0, "img-a"), (1, ""), (2, "rw-a")]);
         let slots = Slots::from_stats(&stats, 4).expect("stats");
         assert_eq!(
             slots.used().collect::<Vec<_>>(),
             [(0, "img-a"), (2, "rw-a")]
         );
         assert_eq!(slots.free(), 2);
-        assert!(Slots::from_stats(&json!({}), 4).is_err());
-        let beyond = json!({"slots": [{"slot": 9, "serial": "x"}]});
-        assert!(Slots::from_stats(&beyond, 4).is_err());
+        assert_eq!(
+            Slots::from_stats(&stats_with(&[]), 4)
+                .map(|s| s.free())
+                .ok(),
+            Some(4)
+        );
+        let e = Slots::from_stats(&stats_with(&[(9, "x")]), 4).expect_err("beyond");
+        assert!(e.to_string().contains("slot 9 is beyond 4 slots"), "{e}");
     }
 
     /// A stand-in for cocoon-vmm (Python): records what it was given and where it runs,
-    /// serves the control socket protocol, exits on shutdown. `FAIL` in the kernel path
-    /// makes it exit 2 at once, like a configuration error.
+    /// and answers control requests from a script of exact request and reply lines (see
+    /// [`fake_script`]), so that it knows nothing of the protocol; it exits after the
+    /// script's last request. `FAIL` in the kernel path makes it exit 2 at once, like a
+    /// configuration error.
     const FAKE_VMM: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys
 args = sys.argv[1:]
@@ -925,6 +910,8 @@ def val(flag):
 if "FAIL" in val("--kernel"):
     print("cocoon-vmm: kernel FAIL: not an ELF file", file=sys.stderr)
     sys.exit(2)
+with open(sys.argv[0] + ".script") as f:
+    script = json.load(f)
 ctl = val("--control-socket")
 facts = {"args": args, "netns": os.readlink("/proc/self/ns/net"),
          "sid": os.getsid(0) == os.getpid()}
@@ -939,24 +926,53 @@ s.listen(4)
 os.rename(ctl + ".tmp", ctl)
 while True:
     c, _ = s.accept()
-    req = json.loads(c.makefile().readline())
-    op = req.get("op")
-    if op == "stats":
-        rep = {"ok": True, "stats": {"slots": [{"slot": 0, "serial": "img"}]}}
-    elif op in ("swap", "eject", "pause", "resume", "shutdown"):
-        rep = {"ok": True}
-    else:
-        rep = {"ok": False, "error": "unknown op %r" % op}
-    c.sendall((json.dumps(rep) + "\n").encode())
+    line = c.makefile().readline().rstrip("\n")
+    c.sendall((script["replies"].get(line, script["refusal"]) + "\n").encode())
     c.close()
-    if op == "shutdown":
+    if line == script["exit_after"]:
         os.unlink(ctl)
         sys.exit(0)
 "#;
 
+    /// What the stand-in answers: the exact lines of the requests the tests send.
+    #[derive(serde::Serialize)]
+    struct FakeScript {
+        replies: std::collections::BTreeMap<String, String>,
+        refusal: String,
+        exit_after: String,
+    }
+
+    fn fake_script() -> FakeScript {
+        fn line(v: &impl serde::Serialize) -> String {
+            serde_json::to_string(v).expect("json")
+        }
+        let ok = Reply::ok();
+        let pairs: [(Request, Reply); 4] = [
+            (
+                Request::Swap {
+                    slot: 0,
+                    path: "/tmp/x.img".into(),
+                    read_only: true,
+                    serial: Some("img".into()),
+                },
+                ok.clone(),
+            ),
+            (Request::Eject { slot: 0 }, ok.clone()),
+            (Request::Stats {}, Reply::stats(stats_with(&[(0, "img")]))),
+            (Request::Shutdown {}, ok),
+        ];
+        FakeScript {
+            replies: pairs.iter().map(|(q, r)| (line(q), line(r))).collect(),
+            refusal: line(&Reply::error("the stand-in has no reply to this request")),
+            exit_after: line(&Request::Shutdown {}),
+        }
+    }
+
     fn fake_spec(dir: &Path) -> VmmSpec {
         let vmm = dir.join("fake-vmm");
         fs::write(&vmm, FAKE_VMM).expect("write fake");
+        let script = serde_json::to_string(&fake_script()).expect("script");
+        fs::write(dir.join("fake-vmm.script"), script).expect("write script");
         fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
         let kernel = dir.join("vmlinux");
@@ -1016,7 +1032,7 @@ while True:
         assert!(vmm.is_alive());
         drop(pod); // the VMM holds the TAP now
 
-        let facts: Value = serde_json::from_str(
+        let facts: serde_json::Value = serde_json::from_str(
             &fs::read_to_string(dir.path().join("sb1/control.sock.facts")).expect("facts"),
         )
         .expect("json");
@@ -1035,11 +1051,8 @@ while True:
             Slots::from_stats(&stats, 2).expect("slots").slot_of("img"),
             Some(0)
         );
-        let e = vmm
-            .control(&json!({"op": "bogus"}))
-            .expect_err("bogus")
-            .to_string();
-        assert!(e.contains("unknown op") && e.contains("sb1"), "{e}");
+        let e = vmm.resume().expect_err("refused").to_string();
+        assert!(e.contains("has no reply") && e.contains("sb1"), "{e}");
 
         // A second start for the same sandbox is refused while this one runs.
         let e = start(&s).expect_err("twice").to_string();

@@ -1,6 +1,6 @@
 //! `cocoon-vmm`: see the library docs and `cocoon-vmm --help`.
 
-use cocoon_vmm::config::{ConfigError, VmConfig, USAGE};
+use cocoon_vmm::config::{self, ConfigError, VmConfig, USAGE};
 use cocoon_vmm::vm::{Vm, VmExit};
 use std::process::ExitCode;
 
@@ -47,7 +47,10 @@ fn init_logging(config: &VmConfig) -> Result<(), ConfigError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| ConfigError::Usage(format!("log file {}: {e}", path.display())))?;
+                .map_err(|source| ConfigError::Log {
+                    path: path.clone(),
+                    source,
+                })?;
             builder.with_writer(std::sync::Mutex::new(file)).init();
         }
         None => builder.with_writer(std::io::stderr).init(),
@@ -74,13 +77,13 @@ fn main() -> ExitCode {
     };
     let config = match VmConfig::from_args(&args) {
         Ok(c) => c,
-        Err(e) => return bad(e),
+        Err(e) => return bad(e.into()),
     };
     let kvm = match kvm_ioctls::Kvm::new() {
         Ok(k) => k,
         Err(e) => return bad(ConfigError::Kvm(e.to_string())),
     };
-    if let Err(e) = config.validate(kvm.get_max_vcpus() as u32, host_memory_mib()) {
+    if let Err(e) = config::validate(&config, kvm.get_max_vcpus() as u32, host_memory_mib()) {
         return bad(e);
     }
     if let Err(e) = init_logging(&config) {

@@ -1,7 +1,7 @@
 //! `Stats`: a container's cgroup figures from the agent; the sandbox's from the VMM
 //! (the host memory the whole VM uses).
 
-use serde_json::Value;
+use vmm_api::control::Stats as VmmStats;
 
 use super::{Service, TaskError};
 
@@ -22,14 +22,16 @@ pub struct Stats {
     pub oom_kills: u64,
 }
 
-/// The sandbox's figures from the VMM's `stats` object.
-pub fn from_vmm_stats(stats: &Value) -> Stats {
-    let kib = |k: &str| stats.get(k).and_then(Value::as_u64).unwrap_or(0) * 1024;
-    let used = kib("vmm_rss_kib") + kib("guest_touched_kib");
+/// The sandbox's figures from the VMM's stats.
+pub fn from_vmm_stats(stats: &VmmStats) -> Stats {
+    let used = stats
+        .vmm_rss_kib
+        .saturating_add(stats.guest_touched_kib)
+        .saturating_mul(1024);
     Stats {
         memory_usage_bytes: used,
         memory_working_set_bytes: used,
-        memory_limit_bytes: stats.get("memory_mib").and_then(Value::as_u64).unwrap_or(0) << 20,
+        memory_limit_bytes: stats.memory_mib.saturating_mul(1 << 20),
         ..Stats::default()
     }
 }
@@ -67,11 +69,18 @@ mod tests {
 
     #[test]
     fn vmm_stats_become_memory_figures() {
-        let s = from_vmm_stats(&serde_json::json!({
-            "vcpus": 1, "memory_mib": 256, "vmm_rss_kib": 1000, "guest_touched_kib": 24000
-        }));
+        let s = from_vmm_stats(&VmmStats {
+            vcpus: 1,
+            memory_mib: 256,
+            paused: false,
+            vmm_rss_kib: 1000,
+            guest_touched_kib: 24000,
+            free_page_reported_kib: 0,
+            free_page_reports: 0,
+            slots: Vec::new(),
+        });
         assert_eq!(s.memory_usage_bytes, 25000 * 1024);
+        assert_eq!(s.memory_working_set_bytes, 25000 * 1024);
         assert_eq!(s.memory_limit_bytes, 256 << 20);
-        assert_eq!(from_vmm_stats(&Value::Null), Stats::default());
     }
 }
