@@ -8,7 +8,7 @@
 
 mod chain_input;
 
-use cocoon_vmm::devices::virtio_balloon::reported_ranges;
+use cocoon_vmm::devices::balloon::reported_ranges;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Address, GuestMemory as _, Permissions};
 

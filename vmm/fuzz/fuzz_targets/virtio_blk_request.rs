@@ -8,7 +8,7 @@
 
 mod chain_input;
 
-use cocoon_vmm::devices::virtio_blk::{parse_request, status_address, RequestKind};
+use cocoon_vmm::devices::block::{parse_request, status_address, RequestKind};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestMemory as _, Permissions};
 

@@ -9,7 +9,7 @@
 
 #![no_main]
 
-use cocoon_vmm::devices::virtio_net::{
+use cocoon_vmm::devices::net::{
     gather_tx_frame, validate_tx_header, DEVICE_FEATURES, ETH_HLEN, MAX_BUFFER_LEN, VNET_HDR_LEN,
 };
 use cocoon_vmm::devices::GuestMemory;

@@ -9,7 +9,7 @@
 
 mod chain_input;
 
-use cocoon_vmm::devices::virtio_vsock::{
+use cocoon_vmm::devices::vsock::{
     parse_rx_buffer, parse_tx_packet, read_segments, write_rx_packet, Header, Op, HEADER_LEN,
     HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
 };

@@ -1,21 +1,32 @@
-//! Device tests: a simulated driver on MockSplitQueue-built RX and TX rings in one guest
+//! Device tests: a simulated driver (the shared `DriverRing`) on RX and TX rings in one guest
 //! memory, real Unix sockets in a tempdir, and `process_queue` / `backend_event` called
 //! as the transport and the I/O loop would (the loop replaced by `Harness::pump`, which
 //! polls exactly what the device has registered, level-triggered).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use super::connection::*;
+use super::muxer::*;
 use super::*;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::devices::virtio::test_ring::DriverRing;
+use crate::devices::virtio::{Queues, VirtioDevice};
+use crate::devices::GuestMemory;
+use crate::event_loop::Registrar;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use tempfile::TempDir;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
@@ -34,122 +45,14 @@ const GUEST_BUF: u32 = 256 * 1024;
 /// Linux's RX buffer: a 4 KiB payload after the header.
 const LINUX_RX: u32 = 4096 + HEADER_LEN as u32;
 
-/// (addr, len) of each descriptor of a chain.
-type Spans = Vec<(u64, u32)>;
-
-/// A chain the driver made available.
-struct Posted {
-    ids: Vec<u16>,
-    spans: Spans,
-    slot: usize,
-}
-
-/// The driver's side of one split virtqueue.
-struct DriverQueue {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    queue: Queue,
-    avail_idx: u16,
-    used_seen: u16,
-    free: Vec<u16>,
-    /// By head descriptor.
-    chains: HashMap<u16, Posted>,
-}
-
-impl DriverQueue {
-    fn new(mem: &GuestMemory, start: u64, size: u16) -> Self {
-        let vq = MockSplitQueue::create(mem, GuestAddress(start), size);
-        let mut queue: Queue = vq.create_queue().unwrap();
-        // The mock ends its avail ring `size` bytes (not entries) in, so past 64 entries
-        // its used ring overlaps the avail ring: put the used ring well clear of it.
-        let used = start + 0x4000;
-        mem.write_slice(&[0; 4], GuestAddress(used)).unwrap();
-        queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
-        DriverQueue {
-            size,
-            desc: vq.desc_table_addr().0,
-            avail: vq.avail_addr().0,
-            used,
-            queue,
-            avail_idx: 0,
-            used_seen: 0,
-            free: (0..size).rev().collect(),
-            chains: HashMap::new(),
-        }
-    }
-
-    /// Makes a chain of `pieces` (addr, len, device-writable) available.
-    fn add(&mut self, mem: &GuestMemory, pieces: &[(u64, u32, bool)], slot: usize) -> bool {
-        if pieces.is_empty() || pieces.len() > self.free.len() {
-            return false;
-        }
-        let ids: Vec<u16> = (0..pieces.len())
-            .map(|_| self.free.pop().unwrap())
-            .collect();
-        for (i, &(addr, len, writable)) in pieces.iter().enumerate() {
-            let mut flags = if writable {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            let next = match ids.get(i + 1) {
-                Some(&next) => {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                    next
-                }
-                None => 0,
-            };
-            let mut raw = [0u8; 16];
-            raw[..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&raw, GuestAddress(self.desc + 16 * u64::from(ids[i])))
-                .unwrap();
-        }
-        let head = ids[0];
-        let at = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head.to_le(), GuestAddress(at)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
-        let spans = pieces.iter().map(|&(a, l, _)| (a, l)).collect();
-        self.chains.insert(head, Posted { ids, spans, slot });
-        true
-    }
-
-    /// Chains the device returned since the last call: (pieces, used length, slot).
-    fn take_used(&mut self, mem: &GuestMemory) -> Vec<(Spans, u32, usize)> {
-        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap());
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
-            let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
-            let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap());
-            self.used_seen = self.used_seen.wrapping_add(1);
-            let posted = self.chains.remove(&(id as u16)).unwrap_or_else(|| {
-                panic!(
-                    "the device returned chain {id} (len {len}), not available; available: {:?}",
-                    self.chains.keys().collect::<Vec<_>>()
-                )
-            });
-            self.free.extend(posted.ids);
-            out.push((posted.spans, len, posted.slot));
-        }
-        out
-    }
-}
-
 /// A packet the guest received.
 type Packet = (Header, Vec<u8>);
 
 struct Harness {
     mem: GuestMemory,
     dev: Vsock,
-    rx: DriverQueue,
-    tx: DriverQueue,
+    rx: DriverRing,
+    tx: DriverRing,
     rx_slots: Vec<usize>,
     tx_slots: Vec<usize>,
     /// Descriptor sizes of each RX chain.
@@ -183,8 +86,8 @@ impl Harness {
         let uds = dir.path().join("v.sock");
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let dev = Vsock::new(CID, uds.clone(), Registrar::detached().unwrap()).unwrap();
-        let rx = DriverQueue::new(&mem, RX_RING, QUEUE_SIZE);
-        let tx = DriverQueue::new(&mem, TX_RING, QUEUE_SIZE);
+        let rx = DriverRing::new(&mem, RX_RING, QUEUE_SIZE);
+        let tx = DriverRing::new(&mem, TX_RING, QUEUE_SIZE);
         Harness {
             mem,
             dev,
@@ -394,7 +297,7 @@ impl Harness {
             assert_eq!(len, 0);
             self.tx_slots.push(slot);
         }
-        assert!(self.tx.chains.is_empty(), "TX chains left unused");
+        assert!(self.tx.outstanding() == 0, "TX chains left unused");
     }
 
     /// How the I/O loop watches connection `key`'s host stream (`None`: not at all).
@@ -1618,8 +1521,8 @@ fn reset_drops_connections_and_keeps_the_listener() {
     assert!(!h.dev.timer_armed);
 
     // The driver comes back (fresh rings): the waiting host finishes its line.
-    h.rx = DriverQueue::new(&h.mem, RX_RING, QUEUE_SIZE);
-    h.tx = DriverQueue::new(&h.mem, TX_RING, QUEUE_SIZE);
+    h.rx = DriverRing::new(&h.mem, RX_RING, QUEUE_SIZE);
+    h.tx = DriverRing::new(&h.mem, TX_RING, QUEUE_SIZE);
     h.rx_slots = (0..RX_SLOTS).rev().collect();
     h.tx_slots = (0..TX_SLOTS).rev().collect();
     h.dev.activate(0);
@@ -1876,7 +1779,7 @@ fn spurious_and_stale_events_are_harmless() {
 
 #[test]
 fn works_behind_the_mmio_transport() {
-    use crate::devices::virtio_mmio::MmioTransport;
+    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::{Irq, MmioDevice};
     use crate::event_loop::BackendHandler;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -1950,8 +1853,8 @@ fn real_event_loop_drives_the_device_without_spinning() {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut lp = EventLoop::new().unwrap();
     let dev = Vsock::new(CID, uds.clone(), lp.registrar(1)).unwrap();
-    let mut rx = DriverQueue::new(&mem, RX_RING, QUEUE_SIZE);
-    let mut tx = DriverQueue::new(&mem, TX_RING, QUEUE_SIZE);
+    let mut rx = DriverRing::new(&mem, RX_RING, QUEUE_SIZE);
+    let mut tx = DriverRing::new(&mem, TX_RING, QUEUE_SIZE);
     const BUFFERS: usize = 16;
     for slot in 0..BUFFERS {
         let addr = RX_BUFS + slot as u64 * RX_SLOT;
@@ -1972,7 +1875,7 @@ fn real_event_loop_drives_the_device_without_spinning() {
     let (thread, stopper) = lp.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     wired.lock().unwrap().dev.activate(0);
-    let rx_packets = |rx: &mut DriverQueue| -> Vec<Packet> {
+    let rx_packets = |rx: &mut DriverRing| -> Vec<Packet> {
         rx.take_used(&mem)
             .into_iter()
             .map(|(spans, len, _)| {

@@ -8,8 +8,12 @@
 
 use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
+use vm_memory::Permissions;
 
+use crate::devices::virtio::segments::{
+    descriptor_segments, split_segments, write_segments, OutsideMemory,
+};
+pub use crate::devices::virtio::segments::{total_len, Segment};
 use crate::devices::GuestMemory;
 
 /// Size of `struct virtio_vsock_hdr`.
@@ -158,9 +162,6 @@ pub struct TxError {
     pub error: PacketError,
 }
 
-use crate::devices::segments::split_segments;
-pub use crate::devices::segments::Segment;
-
 /// A TX packet that passed every check: addressed from the guest to the host, a stream
 /// packet of a known operation, with exactly `header.len` payload bytes in `payload`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,31 +171,14 @@ pub struct TxPacket {
     pub payload: Vec<Segment>,
 }
 
-/// Total length of spans (saturating: chains are short, this only guards arbitrary input).
-pub fn total_len(segs: &[Segment]) -> u64 {
-    segs.iter().fold(0u64, |sum, s| sum.saturating_add(s.len))
-}
-
 /// Non-empty descriptors as spans, each checked against guest memory for `access`.
 fn to_segments(
     descs: &[Descriptor],
     mem: &GuestMemory,
     access: Permissions,
 ) -> Result<Vec<Segment>, PacketError> {
-    let mut segs = Vec::with_capacity(descs.len());
-    for d in descs.iter().filter(|d| d.len() > 0) {
-        if !mem.check_range(d.addr(), d.len() as usize, access) {
-            return Err(PacketError::OutsideMemory {
-                addr: d.addr().raw_value(),
-                len: d.len(),
-            });
-        }
-        segs.push(Segment {
-            addr: d.addr(),
-            len: u64::from(d.len()),
-        });
-    }
-    Ok(segs)
+    descriptor_segments(descs, mem, access)
+        .map_err(|OutsideMemory { addr, len }| PacketError::OutsideMemory { addr, len })
 }
 
 /// Reads exactly `buf.len()` bytes from the spans, in order.
@@ -203,37 +187,8 @@ pub fn read_segments(
     segs: &[Segment],
     buf: &mut [u8],
 ) -> Result<(), PacketError> {
-    crate::devices::segments::read_segments(mem, segs, buf).map_err(PacketError::GuestMemory)
-}
-
-/// Writes `parts` one after the other as a single byte stream over the spans.
-fn write_segments(mem: &GuestMemory, segs: &[Segment], parts: &[&[u8]]) -> Result<(), PacketError> {
-    let mut segs = segs.iter().copied();
-    let mut current: Option<Segment> = None;
-    for part in parts {
-        let mut part: &[u8] = part;
-        while !part.is_empty() {
-            let seg = match current.take() {
-                Some(seg) if seg.len > 0 => seg,
-                _ => segs.next().ok_or(PacketError::GuestMemory(0))?,
-            };
-            let n = usize::try_from(seg.len)
-                .unwrap_or(usize::MAX)
-                .min(part.len());
-            mem.write_slice(&part[..n], seg.addr)
-                .map_err(|_| PacketError::GuestMemory(seg.addr.raw_value()))?;
-            part = &part[n..];
-            let n = n as u64;
-            current = Some(Segment {
-                addr: seg
-                    .addr
-                    .checked_add(n)
-                    .ok_or(PacketError::GuestMemory(seg.addr.raw_value()))?,
-                len: seg.len - n,
-            });
-        }
-    }
-    Ok(())
+    crate::devices::virtio::segments::read_segments(mem, segs, buf)
+        .map_err(PacketError::GuestMemory)
 }
 
 /// Parses and validates one TX chain against `guest_cid`; reads guest memory only.
@@ -361,7 +316,12 @@ pub fn write_rx_packet(
         return Err(too_small);
     }
     let header = Header { len, ..*header };
-    write_segments(mem, &buf.segments, &[&header.to_bytes(), payload])?;
+    // needed <= capacity: the spans hold it all.
+    let written = write_segments(mem, &buf.segments, &[&header.to_bytes(), payload])
+        .map_err(|stopped| PacketError::GuestMemory(stopped.addr))?;
+    if written as u64 != needed {
+        return Err(PacketError::GuestMemory(0));
+    }
     // needed <= HEADER_LEN + MAX_PAYLOAD.
     Ok(needed as u32)
 }
@@ -370,8 +330,9 @@ pub fn write_rx_packet(
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
+
+    use crate::devices::virtio::test_ring::{self, desc};
 
     const MEM_SIZE: usize = 0x4_0000;
     const CID: u64 = 3;
@@ -381,16 +342,7 @@ mod tests {
     const W: bool = true;
 
     fn memory() -> GuestMemory {
-        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, writable: bool) -> Descriptor {
-        let flags = if writable {
-            VRING_DESC_F_WRITE as u16
-        } else {
-            0
-        };
-        Descriptor::new(addr, len, flags, 0)
+        test_ring::memory(MEM_SIZE)
     }
 
     fn header(op: Op, len: u32) -> Header {
@@ -766,12 +718,7 @@ mod tests {
                         3 => 144,
                         _ => ((r >> 48) % 0x2000) as u32,
                     };
-                    let flags = if (r >> 36) % 8 == 0 {
-                        VRING_DESC_F_WRITE as u16
-                    } else {
-                        0
-                    };
-                    Descriptor::new(addr, len, flags, 0)
+                    desc(addr, len, (r >> 36) % 8 == 0)
                 })
                 .collect();
             if let Ok(pkt) = parse_tx_packet(&descs, &mem, CID) {

@@ -16,8 +16,9 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _};
 
-use super::virtio_mmio::{guest_warn, read_config_bytes, Queues, VirtioDevice, WarnLimiter};
-use super::GuestMemory;
+use crate::devices::guest_warn::{guest_warn, WarnLimiter};
+use crate::devices::virtio::{read_config_bytes, Queues, VirtioDevice};
+use crate::devices::GuestMemory;
 
 /// Virtio device ID of the balloon.
 pub const DEVICE_ID: u32 = 5;
@@ -251,19 +252,19 @@ impl VirtioDevice for Balloon {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Bytes;
+
+    use crate::devices::virtio::test_ring::{self, DriverRing};
 
     const MEM_SIZE: usize = 0x40_0000;
 
     fn memory() -> GuestMemory {
-        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+        test_ring::memory(MEM_SIZE)
     }
 
+    /// A device-writable descriptor: how the guest hands over reported pages.
     fn desc(addr: u64, len: u32) -> Descriptor {
-        Descriptor::new(addr, len, VRING_DESC_F_WRITE as u16, 0)
+        test_ring::desc(addr, len, true)
     }
 
     #[test]
@@ -304,13 +305,12 @@ mod tests {
         let data = 0x10_0000u64;
         mem.write_slice(&[0xaa; 0x3000], GuestAddress(data))
             .unwrap();
-        let mock = MockSplitQueue::new(&mem, 16);
-        mock.build_desc_chain(&[RawDescriptor::from(desc(data, 0x2000))])
-            .unwrap();
-        let mut queue = mock.create_queue().unwrap();
+        let mut ring = DriverRing::new(&mem, 0, 16);
+        ring.post(&mem, &[(data, 0x2000, true)]);
+        let queue = &mut ring.queue;
         let mut dev = Balloon::new();
         dev.activate(VIRTIO_BALLOON_F_REPORTING);
-        let mut queues = Queues::new(vec![None, None, Some(&mut queue)]);
+        let mut queues = Queues::new(vec![None, None, Some(&mut *queue)]);
         assert!(dev.process_queue(REPORTING_QUEUE, &mut queues, &mem));
         assert_eq!(dev.reported_bytes(), 0x2000);
         assert_eq!(dev.reports(), 1);
@@ -335,12 +335,10 @@ mod tests {
         mem.write_obj(0x100u32, GuestAddress(pfn_buf)).unwrap();
         mem.write_slice(&[0x55; 0x1000], GuestAddress(0x10_0000))
             .unwrap();
-        let mock = MockSplitQueue::new(&mem, 16);
-        mock.build_desc_chain(&[RawDescriptor::from(Descriptor::new(pfn_buf, 4, 0, 0))])
-            .unwrap();
-        let mut queue = mock.create_queue().unwrap();
+        let mut ring = DriverRing::new(&mem, 0, 16);
+        ring.post(&mem, &[(pfn_buf, 4, false)]);
         let mut dev = Balloon::new();
-        let mut queues = Queues::new(vec![Some(&mut queue)]);
+        let mut queues = Queues::new(vec![Some(&mut ring.queue)]);
         assert!(dev.process_queue(0, &mut queues, &mem));
         assert_eq!(dev.reported_bytes(), 0);
         let mut back = [0u8; 0x1000];
