@@ -100,9 +100,9 @@ pub enum TapError {
 enum Kind {
     /// A real TUN/TAP fd: the ioctls apply.
     Tun,
-    /// A datagram socket standing in for a TAP in unit tests: same frame semantics, and
-    /// the configuration calls only record what they were asked.
-    #[cfg(test)]
+    /// A datagram socket standing in for a TAP in unit tests and fuzzing: same frame
+    /// semantics, and the configuration calls only record what they were asked.
+    #[cfg(any(test, feature = "fuzzing"))]
     Socket,
 }
 
@@ -290,11 +290,11 @@ impl Tap {
             .map(OwnedFd::from)
     }
 
-    /// A TAP stand-in over one end of a datagram socket pair, for unit tests: frames keep
-    /// their boundaries like on a TAP, and the configuration calls only record their
-    /// arguments. The socket is made non-blocking.
-    #[cfg(test)]
-    pub(crate) fn from_socket_for_tests(
+    /// A TAP stand-in over one end of a datagram socket pair, for unit tests and fuzzing:
+    /// frames keep their boundaries like on a TAP, and the configuration calls only record
+    /// their arguments. The socket is made non-blocking.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn from_socket_for_tests(
         socket: std::os::unix::net::UnixDatagram,
         name: &str,
     ) -> io::Result<Tap> {
