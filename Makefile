@@ -9,7 +9,7 @@ CONFIG ?= /etc/cocoon/config.toml
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps kernel lab-kernel rootfs guest build release install test test-unit test-vm \
-        test-lab test-cri lint bench bench-vmm bench-agent bench-cri lab-shell demo clean FORCE
+        test-lab test-cri lint fuzz bench bench-vmm bench-agent bench-cri lab-shell demo clean FORCE
 
 all: guest build
 
@@ -71,7 +71,7 @@ install: guest release $(BUILD)/cocoon-vmm
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
-	# The fuzz targets (run with nightly: cd vmm && cargo fuzz run <target>) must keep compiling.
+	# The fuzz runner (`make fuzz`) must keep compiling.
 	$(CARGO) check --locked -q --manifest-path vmm/fuzz/Cargo.toml --bins
 
 # Unit tests and host-level end-to-end tests (the guest image under QEMU TCG, the lab runner).
@@ -95,8 +95,27 @@ test-cri: guest lab-kernel
 	$(CARGO) build --locked -p cocoon-vmm -p containerd-shim-cocoon-v1
 	$(CARGO) test --locked -p cocoon-integration --test cri
 
-# The whole suite.
-test: lint test-unit test-lab test-vm test-cri
+# Coverage-guided fuzzing of the VMM's guest-facing devices on stable Rust
+# (vmm/fuzz/src/main.rs): every target for FUZZ_SECONDS from its corpus in
+# vmm/fuzz/corpus/<target>/; prints the executions per target and fails on a crash, naming
+# the file the crashing input was saved to. The build is instrumented with LLVM
+# SanitizerCoverage through stable rustc flags (--target keeps them off build scripts and
+# proc macros).
+FUZZ_SECONDS ?= 60
+FUZZ_SEED ?= 1
+FUZZ_TARGET_DIR ?= $(CURDIR)/target/fuzz
+FUZZ_RUSTFLAGS := -C passes=sancov-module -C llvm-args=-sanitizer-coverage-level=3 \
+    -C llvm-args=-sanitizer-coverage-inline-8bit-counters -C debug-assertions
+fuzz:
+	RUSTFLAGS="$(FUZZ_RUSTFLAGS)" CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) $(CARGO) build --locked \
+	    --release --target $(TARGET) --manifest-path vmm/fuzz/Cargo.toml
+	$(FUZZ_TARGET_DIR)/$(TARGET)/release/cocoon-vmm-fuzz --seconds $(FUZZ_SECONDS) \
+	    --seed $(FUZZ_SEED) --corpus vmm/fuzz/corpus --crashes $(BUILD)/fuzz-crashes
+
+# The whole suite. Fuzzing is bounded there: 9 targets x FUZZ_TEST_SECONDS plus the build.
+FUZZ_TEST_SECONDS ?= 20
+test: FUZZ_SECONDS = $(FUZZ_TEST_SECONDS)
+test: lint test-unit test-lab test-vm test-cri fuzz
 
 # Release binaries throughout: the static VMM and the release shim (target/release).
 bench: guest lab-kernel release $(BUILD)/cocoon-vmm $(BUILD)/cocoon-vsock-probe

@@ -1,7 +1,7 @@
 //! The control socket: a Unix stream socket (mode 0600) taking one JSON request per line
 //! and answering each with one JSON line. See docs/vmm.md for the protocol.
 
-use crate::devices::virtio_blk::Backing;
+use crate::devices::block::Backing;
 use crate::vm::{self, Vm, VmExit};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;

@@ -4,15 +4,15 @@
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
 use crate::config::VmConfig;
+use crate::devices::balloon::Balloon;
+use crate::devices::block::{Backing, Block, BlockError};
+use crate::devices::net::{Net, Tap};
 use crate::devices::serial::SerialConsole;
-use crate::devices::tap::Tap;
-use crate::devices::virtio_balloon::Balloon;
-use crate::devices::virtio_blk::{Backing, Block, BlockError};
-use crate::devices::virtio_mmio::{
-    MmioTransport, VirtioDevice, MAX_NOTIFY_FDS, NOTIFY_TAG_BASE, QUEUE_NOTIFY_OFFSET,
+use crate::devices::virtio::mmio::{
+    MmioTransport, MAX_NOTIFY_FDS, NOTIFY_TAG_BASE, QUEUE_NOTIFY_OFFSET,
 };
-use crate::devices::virtio_net::Net;
-use crate::devices::virtio_vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::vsock::Vsock;
 use crate::devices::{GuestMemory, Irq};
 use crate::event_loop::{EventLoop, LoopStopper, Registrar};
 use crate::layout::*;

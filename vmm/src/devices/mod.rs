@@ -1,16 +1,17 @@
-//! Emulated devices, one per file.
+//! Emulated devices: the COM1 console (`serial`) and the virtio devices (`block`, `net`,
+//! `vsock`, `balloon`), each in a folder split by concern, on the virtio-mmio transport
+//! and the helpers they share (`virtio`).
 //!
 //! Devices are driven synchronously from the vCPU thread whose exit reached them (port or
 //! MMIO access); each sits behind a `Mutex`. Interrupts go to the guest through KVM irqfds.
 
-pub mod segments;
+pub mod balloon;
+pub mod block;
+pub(crate) mod guest_warn;
+pub mod net;
 pub mod serial;
-pub mod tap;
-pub mod virtio_balloon;
-pub mod virtio_blk;
-pub mod virtio_mmio;
-pub mod virtio_net;
-pub mod virtio_vsock;
+pub mod virtio;
+pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
