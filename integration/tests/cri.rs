@@ -69,6 +69,10 @@ const CASES: &[Case] = &[
         run: health_check,
     },
     case("shim_killed_while_pod_silent", shim_killed_while_pod_silent),
+    case(
+        "containerd_restart_mid_stop_of_silent_pod",
+        containerd_restart_mid_stop,
+    ),
 ];
 
 /// The liveness thresholds the cocoon scenarios run with (`[liveness]`, see
@@ -1109,6 +1113,52 @@ fn shim_killed_while_pod_silent(env: &mut Env, rt: &Runtime) -> anyhow::Result<(
     ensure!(
         took < SILENT_STOP_BOUND,
         "exit, StopPodSandbox and RemovePodSandbox took {took:?} (bound {SILENT_STOP_BOUND:?})"
+    );
+    Ok(())
+}
+
+/// containerd restarts while a StopContainer of a pod that does not answer is in flight
+/// (see [`freeze_pod`]): the stop's client sees its call fail, yet after the restart the
+/// container is reported exited and StopPodSandbox + RemovePodSandbox succeed within
+/// [`SILENT_STOP_BOUND`] with nothing left behind: no call of the shim waited without a
+/// deadline across the restart.
+fn containerd_restart_mid_stop(env: &mut Env, rt: &Runtime) -> anyhow::Result<()> {
+    let pod = env.pod("midstop", rt)?;
+    let c = env.run(&pod, &sleeper("main"))?;
+    freeze_pod(env, rt, &pod, &[&c])?;
+    let socket = env.ctrd.socket.clone();
+    let id = c.clone();
+    let stopper = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut cri = Cri::connect(&socket, secs(60))?;
+        cri.stop_container(&id, 30)?;
+        Ok(())
+    });
+    // The SIGTERM is in the shim (unanswered) when containerd goes away.
+    std::thread::sleep(Duration::from_secs(3));
+    env.ctrd
+        .restart()
+        .context("restarting containerd mid-stop")?;
+    let t = Instant::now();
+    let outcome = stopper
+        .join()
+        .map_err(|_| anyhow!("the StopContainer thread panicked"))?;
+    eprintln!("containerd restart mid-stop: the interrupted StopContainer said {outcome:?}");
+    env.cri = Cri::connect(&env.ctrd.socket, secs(60)).context("CRI after the restart")?;
+    env.cri
+        .stop_container(&c, 0)
+        .context("StopContainer after the restart")?;
+    env.cri.wait_exited(&c, secs(10))?;
+    env.cri.stop_pod(&pod.id)?;
+    env.cri.remove_pod(&pod.id)?;
+    env.pods.retain(|p| p.id != pod.id);
+    let took = t.elapsed();
+    eprintln!(
+        "containerd restart mid-stop: stop + remove after the restart took {:.1} s",
+        took.as_secs_f64()
+    );
+    ensure!(
+        took < SILENT_STOP_BOUND,
+        "after the restart, stopping and removing took {took:?} (bound {SILENT_STOP_BOUND:?})"
     );
     Ok(())
 }
