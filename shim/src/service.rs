@@ -257,7 +257,30 @@ pub struct CocoonShim {
     id: String,
     bundle: String,
     namespace: String,
+    /// containerd's address (the shim socket's name derives from it).
+    address: String,
     exit: Arc<ExitSignal>,
+}
+
+/// Removes the Unix socket at `path` if nothing listens on it any more.
+fn remove_dead_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {} // a live shim serves it
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => info!(socket = %path.display(), "removed the socket of a dead shim"),
+                Err(e) => {
+                    warn!(socket = %path.display(), error = %e, "removing a dead shim's socket")
+                }
+            }
+        }
+        Err(e) => warn!(socket = %path.display(), error = %e, "probing a shim socket"),
+    }
 }
 
 /// The bundle's OCI spec, if readable.
@@ -284,6 +307,7 @@ impl shim::Shim for CocoonShim {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -318,6 +342,13 @@ impl shim::Shim for CocoonShim {
         if let Err(e) = result {
             warn!(id = %self.id, error = %e, "cleanup");
         }
+        if is_sandbox {
+            // A shim that was killed leaves its socket; containerd does not remove it.
+            let address = shim::socket_address(&self.address, &self.namespace, &sandbox_id);
+            if let Some(path) = address.strip_prefix("unix://") {
+                remove_dead_socket(Path::new(path));
+            }
+        }
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + 9,
@@ -336,5 +367,29 @@ impl shim::Shim for CocoonShim {
         let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
         let publisher = Publisher::start(&address, &self.namespace, Some(publisher));
         TaskService::new(config, Arc::new(publisher))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn only_a_dead_shims_socket_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("live");
+        let _listener = UnixListener::bind(&live).expect("bind");
+        let dead = dir.path().join("dead");
+        drop(UnixListener::bind(&dead).expect("bind"));
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "x").expect("write");
+        for p in [&live, &dead, &plain] {
+            remove_dead_socket(p);
+        }
+        assert!(live.exists(), "a served socket stays");
+        assert!(!dead.exists(), "a socket nobody serves goes");
+        assert!(plain.exists(), "not a socket: left alone");
+        remove_dead_socket(&dir.path().join("none"));
     }
 }
