@@ -306,9 +306,11 @@ pub fn serial(data: &[u8]) {
 /// receive buffers. Every used buffer holds at most its capacity, and the first buffer
 /// of a frame says how many it spans.
 pub fn net_rx(data: &[u8]) {
-    // A 64 KiB slot per receive descriptor, so that frames never overwrite each other.
-    const SLOTS: u64 = 256;
-    const MEM: usize = (DATA + SLOTS * 0x1_0000) as usize;
+    // A slot per receive buffer, larger than the largest buffer (65562 bytes) and never
+    // handed out again while its chain is outstanding: frames never overwrite each other.
+    const SLOTS: u64 = 128;
+    const SLOT: u64 = 0x1_1000;
+    const MEM: usize = (DATA + SLOTS * SLOT) as usize;
     const MRG_RXBUF: u64 = 1 << 15;
     let mut input = Input::new(data);
     let mem = memory(MEM, &[]);
@@ -335,10 +337,11 @@ pub fn net_rx(data: &[u8]) {
     else {
         return;
     };
-    // By head: the chain's capacity and where its first bytes go.
-    let mut capacity: HashMap<u32, (u64, u64)> = HashMap::new();
+    // By head: the chain's capacity, its pieces (the header may span several) and the
+    // slots it holds.
+    let mut capacity: HashMap<u32, (u64, Vec<(u64, u32)>, Vec<u64>)> = HashMap::new();
     let mut seen = 0u16;
-    let mut next_slot = 0u64;
+    let mut free_slots: Vec<u64> = (0..SLOTS).rev().collect();
     let mut frame = vec![0u8; 70_000];
     for _ in 0..64 {
         if input.is_empty() {
@@ -361,7 +364,11 @@ pub fn net_rx(data: &[u8]) {
                     if outstanding > 32 {
                         break;
                     }
+                    if free_slots.len() < 2 {
+                        break;
+                    }
                     let mut pieces = Vec::new();
+                    let mut slots = Vec::new();
                     for _ in 0..=input.below(2) {
                         let len = input.pick(&[12u32, 100, 1526, 4096, 4096, 65562]);
                         let len = if input.u8() == 0 {
@@ -369,19 +376,24 @@ pub fn net_rx(data: &[u8]) {
                         } else {
                             len
                         };
-                        let at = if input.u8() == 0 {
-                            // Past the end of memory (never over another buffer).
-                            MEM as u64 - 0x100 + u64::from(input.u8())
+                        let (at, len) = if input.u8() == 0 {
+                            // Across the end of memory: always longer than what is left,
+                            // so the chain is refused and never holds a frame (two such
+                            // buffers would overlap).
+                            (MEM as u64 - 0x100 + u64::from(input.u8()), len.max(0x101))
                         } else {
-                            next_slot = (next_slot + 1) % SLOTS;
-                            DATA + next_slot * 0x1_0000
+                            let Some(slot) = free_slots.pop() else {
+                                break;
+                            };
+                            slots.push(slot);
+                            (DATA + slot * SLOT, len)
                         };
                         pieces.push((at, len, input.u8() != 0));
                     }
                     let cap = pieces.iter().filter(|p| p.2).map(|p| u64::from(p.1)).sum();
-                    let first = pieces.iter().find(|p| p.1 > 0).map_or(0, |p| p.0);
+                    let spans = pieces.iter().map(|p| (p.0, p.1)).collect();
                     let head = rx.post(&mem, &pieces);
-                    capacity.insert(u32::from(head), (cap, first));
+                    capacity.insert(u32::from(head), (cap, spans, slots));
                 }
                 false
             }
@@ -424,13 +436,14 @@ pub fn net_rx(data: &[u8]) {
         let _ = used;
         while seen != now {
             let (id, len) = rx.used_elem(&mem, seen);
-            let (cap, first) = capacity
+            let (cap, spans, slots) = capacity
                 .remove(&id)
                 .expect("the device used a receive chain it was given");
+            free_slots.extend(slots);
             assert!(u64::from(len) <= cap, "used {len} of {cap}");
             if len >= 12 {
                 // A frame's first buffer: its header says how many buffers it took.
-                let n = mem.read_obj::<u16>(GuestAddress(first + 10)).unwrap_or(1);
+                let n = num_buffers(&mem, &spans);
                 if !mrg {
                     assert_eq!(n, 1, "num_buffers without MRG_RXBUF");
                 }
@@ -442,13 +455,32 @@ pub fn net_rx(data: &[u8]) {
                         panic!("a frame's buffers were not all returned at once");
                     }
                     let (id, len) = rx.used_elem(&mem, seen);
-                    let (cap, _) = capacity.remove(&id).expect("chain given");
+                    let (cap, _, slots) = capacity.remove(&id).expect("chain given");
+                    free_slots.extend(slots);
                     assert!(u64::from(len) <= cap);
                 }
             }
             seen = seen.wrapping_add(1);
         }
     }
+}
+
+/// The `num_buffers` field of the net header at the start of a receive chain, which
+/// may be spread over several of its pieces.
+fn num_buffers(mem: &GuestMemory, spans: &[(u64, u32)]) -> u16 {
+    let mut header = Vec::with_capacity(12);
+    for &(addr, len) in spans {
+        let take = (12 - header.len()).min(len as usize);
+        let mut part = vec![0u8; take];
+        if mem.read_slice(&mut part, GuestAddress(addr)).is_err() {
+            return 1;
+        }
+        header.extend_from_slice(&part);
+        if header.len() == 12 {
+            return u16::from_le_bytes([header[10], header[11]]);
+        }
+    }
+    1
 }
 
 /// The guest's side of a vsock packet: header and payload into a TX buffer.
