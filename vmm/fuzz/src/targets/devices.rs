@@ -339,7 +339,8 @@ pub fn net_rx(data: &[u8]) {
     };
     // By head: the chain's capacity, its pieces (the header may span several) and the
     // slots it holds.
-    let mut capacity: HashMap<u32, (u64, Vec<(u64, u32)>, Vec<u64>)> = HashMap::new();
+    type Posted = (u64, Vec<(u64, u32)>, Vec<u64>);
+    let mut capacity: HashMap<u32, Posted> = HashMap::new();
     let mut seen = 0u16;
     let mut free_slots: Vec<u64> = (0..SLOTS).rev().collect();
     let mut frame = vec![0u8; 70_000];
