@@ -398,9 +398,14 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
     let log = lines.join("\n");
     // Only a clean failure runs again: the runtime must clean up after a dead or hung VM
     // too, and residue would also be in the next attempt's "before" snapshot.
+    // A pod VM that reset during RunPodSandbox is in no pod id yet: its error says so.
+    let boot_reset = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| vmtest::says_guest_reset(&format!("{e:#}")));
     let guest_fault = cleanup_errors.is_empty()
         && left.is_empty()
-        && guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids);
+        && (boot_reset || guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids));
     // The log first: the reason is then the last thing before the next trial's output.
     Err(Failure {
         report: format!(
