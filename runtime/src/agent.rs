@@ -42,7 +42,7 @@ const MAX_READY_LINE: usize = 256;
 /// Why talking to the agent failed. Every variant names what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("connect to {path}: {source}")]
+    #[error("connect to {path}")]
     Connect {
         path: PathBuf,
         #[source]
@@ -77,7 +77,7 @@ pub enum AgentError {
     StdioRefused { header: String, reason: String },
     #[error("ready report on {path}: {reason}")]
     Ready { path: PathBuf, reason: String },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

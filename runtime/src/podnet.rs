@@ -36,7 +36,7 @@ use std::process::Command;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::error::{run, run_with_input, Error, Result};
+use crate::error::{chain, run, run_with_input, Error, Result};
 
 /// The name of the TAP Cocoon creates in a pod's network namespace.
 pub const TAP_NAME: &str = "cocoon-tap0";
@@ -312,7 +312,7 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>> {
     if let Err(e) = redirect(netns, &veth) {
         drop(tap);
         if let Err(te) = teardown(netns) {
-            warn!(netns = %netns.display(), error = %te, "cleanup after failed setup");
+            warn!(netns = %netns.display(), error = %chain(&te), "cleanup after failed setup");
         }
         return Err(e);
     }

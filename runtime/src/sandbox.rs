@@ -30,6 +30,7 @@ use crate::agent::{
     AgentClient, Endpoint, ReadyListener, SetupNetworkRequest, SetupSandboxRequest, DEFAULT_TIMEOUT,
 };
 use crate::config::{Config, ContainerLimits, VmSize};
+use crate::error::chain;
 use crate::files;
 use crate::image::ImageCache;
 use crate::liveness::{self, Change, Tracker};
@@ -120,9 +121,9 @@ impl Pod {
         match Self::boot_inner(config, sandbox_id, spec) {
             Ok(pod) => Ok(pod),
             Err(e) => {
-                error!(sandbox = sandbox_id, error = %e, "sandbox boot failed: cleaning up");
+                error!(sandbox = sandbox_id, error = %chain(&e), "sandbox boot failed: cleaning up");
                 if let Err(ce) = crate::state::cleanup_sandbox(config, sandbox_id) {
-                    warn!(sandbox = sandbox_id, error = %ce, "cleanup after failed boot");
+                    warn!(sandbox = sandbox_id, error = %chain(&ce), "cleanup after failed boot");
                 }
                 Err(e)
             }
@@ -309,7 +310,7 @@ impl Pod {
         if let (Some(slot), None) = (slot, self.ended()) {
             if let Ok(v) = self.vmm.lock() {
                 if let Err(e) = v.eject(slot) {
-                    warn!(sandbox = %self.id, slot, serial, error = %e, "eject");
+                    warn!(sandbox = %self.id, slot, serial, error = %chain(&e), "eject");
                 }
             }
         }
@@ -361,7 +362,7 @@ impl Pod {
         }
         if let Ok(mut v) = self.vmm.lock() {
             if let Err(e) = v.shutdown(SHUTDOWN_TIMEOUT) {
-                warn!(sandbox = %self.id, error = %e, "VMM shutdown");
+                warn!(sandbox = %self.id, error = %chain(&e), "VMM shutdown");
             }
         }
     }
@@ -425,7 +426,7 @@ impl Pod {
         match self.vmm.lock() {
             Ok(mut v) => {
                 if let Err(e) = v.kill() {
-                    error!(sandbox = %self.id, error = %e, "killing the VMM of a dead VM");
+                    error!(sandbox = %self.id, error = %chain(&e), "killing the VMM of a dead VM");
                 }
             }
             Err(_) => error!(sandbox = %self.id, "VMM lock poisoned: cannot kill the VMM"),
@@ -456,7 +457,7 @@ impl Pod {
                 match ping.hello() {
                     Ok(_) => lock(&self.liveness).answered(Instant::now()),
                     Err(e) => {
-                        debug!(sandbox = %self.id, error = %e, "health check: no answer");
+                        debug!(sandbox = %self.id, error = %chain(&e), "health check: no answer");
                         if self.ended().is_some() {
                             return;
                         }
@@ -511,7 +512,7 @@ impl Pod {
 
     fn record_liveness(&self, f: impl FnOnce(&mut PodRecord)) {
         if let Err(e) = self.update_record(f) {
-            warn!(sandbox = %self.id, error = %e, "recording the VM's liveness");
+            warn!(sandbox = %self.id, error = %chain(&e), "recording the VM's liveness");
         }
     }
 
@@ -562,7 +563,7 @@ impl Pod {
                         s.insert(source, (guest, sig));
                     }
                 }
-                Err(e) => warn!(sandbox = %self.id, error = %e, "file sync"),
+                Err(e) => warn!(sandbox = %self.id, error = %chain(&e), "file sync"),
             }
         }
     }

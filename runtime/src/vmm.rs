@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use vmm_api::control::{ControlClient, ControlError, Reply, Request, Stats};
 
 use crate::config::{Config, VmSize};
-use crate::error::{tail, Error, Result};
+use crate::error::{chain, tail, Error, Result};
 
 /// The longest path a Unix socket address takes (`sun_path` less its NUL).
 const SUN_PATH_MAX: usize = 107;
@@ -435,7 +435,7 @@ impl VmmProcess {
                 warn!(sandbox = %self.sandbox_id, pid = self.pid, "VMM did not exit: killing");
             }
             Err(e) => {
-                warn!(sandbox = %self.sandbox_id, pid = self.pid, error = %e,
+                warn!(sandbox = %self.sandbox_id, pid = self.pid, error = %chain(&e),
                     "VMM shutdown request failed: killing");
             }
         }
