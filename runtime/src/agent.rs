@@ -16,13 +16,15 @@ use cocoon_agent_protocol::api;
 use cocoon_agent_protocol::stdio::{parse_reply, StdioHeader};
 use cocoon_agent_protocol::{ReadyLine, AGENT_PORT, PROTOCOL_VERSION, READY_PORT, STDIO_PORT};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::{AsFd, IntoRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::sys;
 
 pub use api::{
     AddStorageRequest, CopyFileRequest, Event, HelloResponse, Rootfs, SetupNetworkRequest,
@@ -716,8 +718,14 @@ impl ReadyListener {
                         return Err(fail(format!("the agent did not report within {timeout:?}")));
                     }
                     alive().map_err(|why| fail(format!("no report: {why}")))?;
-                    poll_readable(self.listener.as_raw_fd(), left.min(LIVENESS_POLL))
-                        .map_err(|e| fail(format!("poll: {e}")))?;
+                    // A timeout or an interrupted poll: the loop checks the deadline.
+                    let wait = left.min(LIVENESS_POLL).max(Duration::from_millis(1));
+                    match sys::poll_readable(self.listener.as_fd(), Some(wait)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::Interrupted => {
+                            return Err(fail(format!("poll: {e}")));
+                        }
+                        _ => {}
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(fail(format!("accept: {e}"))),
@@ -750,28 +758,6 @@ impl Drop for ReadyListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Waits until `fd` is readable or `timeout` passes (then returns `Ok` too: the caller
-/// retries and checks its deadline).
-fn poll_readable(fd: std::os::fd::RawFd, timeout: Duration) -> std::io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis())
-        .unwrap_or(i32::MAX)
-        .max(1);
-    // SAFETY: `pfd` is one valid pollfd on our stack and we pass a count of 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

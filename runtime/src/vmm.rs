@@ -28,7 +28,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,7 @@ use vmm_api::control::{ControlClient, ControlError, Reply, Request, Stats};
 
 use crate::config::{Config, VmSize};
 use crate::error::{chain, tail, Error, Result};
+use crate::sys;
 
 /// The longest path a Unix socket address takes (`sun_path` less its NUL).
 const SUN_PATH_MAX: usize = 107;
@@ -449,7 +450,7 @@ impl VmmProcess {
             let _ = fs::remove_file(&self.pid_file);
             return Ok(());
         }
-        let pidfd = match pidfd_open(self.pid) {
+        let pidfd = match sys::pidfd_open(self.pid) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                 let _ = fs::remove_file(&self.pid_file);
@@ -464,7 +465,7 @@ impl VmmProcess {
             let _ = fs::remove_file(&self.pid_file);
             return Ok(());
         }
-        match pidfd_send_signal(&pidfd, libc::SIGKILL) {
+        match sys::pidfd_send_signal(&pidfd, libc::SIGKILL) {
             Ok(()) => info!(sandbox = %self.sandbox_id, pid = self.pid, "VMM killed"),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
             Err(e) => return Err(self.err(format!("killing pid {}: {e}", self.pid))),
@@ -517,7 +518,7 @@ impl VmmProcess {
             }
         }
         // Not our child: a pidfd becomes readable when the process ends.
-        let pidfd = match pidfd_open(self.pid) {
+        let pidfd = match sys::pidfd_open(self.pid) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(true),
             Err(e) => return Err(self.err(format!("pidfd_open({}): {e}", self.pid))),
@@ -526,7 +527,10 @@ impl VmmProcess {
             return Ok(true);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        Ok(poll_readable(&pidfd, left) || proc_state(self.pid) == Some('Z'))
+        Ok(
+            sys::poll_readable(pidfd.as_fd(), Some(left)).unwrap_or(false)
+                || proc_state(self.pid) == Some('Z'),
+        )
     }
 }
 
@@ -588,49 +592,6 @@ fn log_tail(path: &Path) -> String {
         Ok(_) => format!("{} is empty", path.display()),
         Err(e) => format!("{}: {e}", path.display()),
     }
-}
-
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory
-    // of ours is involved.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this fd to us, so we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal takes an fd we own, a signal number, a null siginfo
-    // (allowed: the kernel fills in a default) and flags 0.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Whether `fd` becomes readable within `timeout`.
-fn poll_readable(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid pollfd that outlives the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
 }
 
 /// Which container disk sits in which drive slot of a VM, by virtio-blk serial.
