@@ -29,7 +29,7 @@ use cocoon_agent_protocol::api;
 pub use client::AgentClient;
 pub use ready::ReadyListener;
 pub use stdio::open_stdio;
-pub use vsock::{vsock_connect, vsock_host_port_path, Endpoint};
+pub use vsock::{vsock_connect, Endpoint};
 
 pub use api::{
     AddStorageRequest, CopyFileRequest, Event, HelloResponse, Rootfs, SetupNetworkRequest,

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use cocoon_agent_protocol::{ReadyLine, READY_PORT};
 
-use super::{is_timeout, read_line, vsock_host_port_path, AgentError, Line, Result};
+use vmm_api::vsock::host_port_path;
+
+use super::{is_timeout, read_line, AgentError, Line, Result};
 use crate::sys;
 
 /// Longest ready line we read.
@@ -28,7 +30,7 @@ pub struct ReadyListener {
 impl ReadyListener {
     /// Binds `<vsock>_<READY_PORT>` for a VM started with `--vsock <vsock>`.
     pub fn for_vsock(vsock: &Path) -> Result<Self> {
-        Self::bind(&vsock_host_port_path(vsock, READY_PORT))
+        Self::bind(&host_port_path(vsock, READY_PORT))
     }
 
     /// Binds a plain path (host tests: `cocoon-agent serve --ready unix:<path>`). A stale

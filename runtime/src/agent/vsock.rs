@@ -44,13 +44,6 @@ impl Endpoint {
     }
 }
 
-/// `<vsock socket>_<port>`: where guest connections to host port `port` arrive.
-pub fn vsock_host_port_path(vsock: &Path, port: u32) -> PathBuf {
-    let mut p = vsock.as_os_str().to_owned();
-    p.push(format!("_{port}"));
-    PathBuf::from(p)
-}
-
 /// Connects to guest port `port` through the VMM's hybrid vsock socket at `path`.
 pub fn vsock_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
     let (s, host_port) = vmm_api::vsock::connect(path, port, timeout).map_err(|e| match e {
