@@ -4,8 +4,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+
+use vmm_api::vsock::host_port_path;
 
 /// The byte at `offset` of stream `stream`'s test pattern.
 pub fn pattern(stream: u64, offset: u64) -> u8 {
@@ -23,13 +25,6 @@ pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| format!("vsock port {port}: setting a read timeout: {e}"))?;
     Ok(s)
-}
-
-/// The Unix listener that guest connections to host port `port` reach.
-pub fn host_port_path(uds: &Path, port: u32) -> PathBuf {
-    let mut p = uds.as_os_str().to_owned();
-    p.push(format!("_{port}"));
-    PathBuf::from(p)
 }
 
 /// Serves an echo on `<uds>_<port>` on a background thread, one thread per connection.

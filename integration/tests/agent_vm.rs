@@ -1456,7 +1456,7 @@ fn link_names(text: &str) -> Vec<String> {
 /// connect at all.
 fn containers_cannot_reach_the_agent_api() -> Result<(), Failed> {
     with_pod(|pod| {
-        let control = cocoon_integration::vsock::host_port_path(&pod.vm.vsock, 5555);
+        let control = vmm_api::vsock::host_port_path(&pod.vm.vsock, 5555);
         let _ = std::fs::remove_file(&control);
         let listener = std::os::unix::net::UnixListener::bind(&control)
             .map_err(|e| format!("control listener {}: {e}", control.display()))?;

@@ -2,6 +2,9 @@
 //! `disk`, `podnet`, `vmm`), and the helper that runs host tools (`mkfs.erofs`, `ip`, `tc`,
 //! ...) and turns their failures into errors that say what was run and what it printed.
 //!
+//! An error's `Display` says only its own layer and keeps the cause as its `source()`;
+//! [`chain`] is the one printer, walking the causes once.
+//!
 //! Every variant names the thing it is about (a file, a device, a network namespace, a
 //! sandbox or image key), because these errors end up in containerd's and kubelet's events,
 //! far from the code that raised them.
@@ -14,11 +17,12 @@ use std::process::{Command, Output};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A filesystem or system call on a named path failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What we were doing, e.g. "reading config file".
         action: &'static str,
         path: PathBuf,
+        #[source]
         source: io::Error,
     },
     /// `/etc/cocoon/config.toml` (or the file given instead) is not valid.
@@ -38,8 +42,12 @@ pub enum Error {
     #[error("size {value:?}: {reason}")]
     Size { value: String, reason: String },
     /// A host tool could not be started at all (missing binary, no permission).
-    #[error("cannot run `{program}`: {source}")]
-    Spawn { program: String, source: io::Error },
+    #[error("cannot run `{program}`")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
     /// A host tool ran and failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {
@@ -74,6 +82,19 @@ impl Error {
             source,
         }
     }
+}
+
+/// `err` and its causes, outermost first, joined by ": ": how every error is printed
+/// (CLI, logs, replies to containerd), so that no cause is lost and none appears twice.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// The command line of `cmd`, for messages: program and arguments, space-separated.
@@ -171,6 +192,16 @@ mod tests {
         let err = run(&mut Command::new("/nonexistent/cocoon-tool")).expect_err("must fail");
         assert!(matches!(err, Error::Spawn { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/cocoon-tool"));
+    }
+
+    #[test]
+    fn chain_prints_each_cause_once() {
+        let err =
+            Error::io("reading config file", "/etc/x")(io::Error::from_raw_os_error(libc::ENOTDIR));
+        let os = io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
+        let text = chain(&err);
+        assert_eq!(text, format!("reading config file /etc/x: {os}"));
+        assert_eq!(text.matches(&os).count(), 1, "{text}");
     }
 
     #[test]

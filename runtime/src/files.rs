@@ -35,10 +35,11 @@ pub enum CopyError {
         source_path: PathBuf,
         reason: String,
     },
-    #[error("copying {source_path} into the guest at {guest}: {error}")]
+    #[error("copying {source_path} into the guest at {guest}")]
     Agent {
         source_path: PathBuf,
         guest: String,
+        #[source]
         error: AgentError,
     },
 }

@@ -60,7 +60,7 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use crate::error::{run, Error, Result};
+use crate::error::{chain, run, Error, Result};
 
 /// Bumped whenever the way image disks are built changes, so old disks are not reused.
 const FORMAT_TAG: &str = "cocoon-erofs-v1";
@@ -449,7 +449,7 @@ fn mkfs_erofs(key: &str, source: &Path, out: &Path) -> Result<()> {
     debug!(image = %key, source = %source.display(), "running mkfs.erofs");
     run(&mut cmd).map_err(|e| Error::Image {
         key: key.into(),
-        message: e.to_string(),
+        message: chain(&e),
     })?;
     Ok(())
 }

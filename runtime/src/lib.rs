@@ -15,5 +15,6 @@ pub mod sandbox;
 pub mod spec;
 pub mod state;
 pub mod stdio;
+pub mod sys;
 pub mod task;
 pub mod vmm;

@@ -26,7 +26,6 @@
 //! four tc changes as one `tc -batch`: every exec counts where a pod start is measured in
 //! emulated milliseconds.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -36,13 +35,10 @@ use std::process::Command;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::error::{run, run_with_input, Error, Result};
+use crate::error::{chain, run, run_with_input, Error, Result};
 
 /// The name of the TAP Cocoon creates in a pod's network namespace.
 pub const TAP_NAME: &str = "cocoon-tap0";
-
-/// `statfs` magic of nsfs, the filesystem of namespace files.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 /// A route the guest must get: `destination` is a CIDR or `default`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,21 +87,7 @@ fn net_err(netns: &Path, message: impl Into<String>) -> Error {
 /// Whether `netns` is a live network namespace file (nsfs); false when it is gone or
 /// was unmounted (an empty mount-point file stays behind).
 pub fn netns_exists(netns: &Path) -> bool {
-    let Ok(path) = CString::new(netns.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `path` is a valid NUL-terminated string and `st` points to writable memory
-    // the size of a `struct statfs`; both outlive the call.
-    let ret = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) };
-    if ret != 0 {
-        return false;
-    }
-    // SAFETY: statfs returned 0, so it filled in `st`.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
-    let magic = st.f_type as i64;
-    magic == NSFS_MAGIC
+    crate::sys::is_nsfs(netns)
 }
 
 /// `program` (`ip`, `tc`), to be run inside `netns`.
@@ -260,25 +242,7 @@ fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let tun = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")?;
-            // SAFETY: an all-zero ifreq is a valid value (empty name, zero union).
-            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-                *dst = src as libc::c_char;
-            }
-            // The flags fit in the short the kernel reads.
-            ifr.ifr_ifru.ifru_flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is and
-            // which outlives the call; `tun` is an open /dev/net/tun fd.
-            let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-            if ret != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(OwnedFd::from(tun))
+            crate::sys::open_tap(&name)
         }
     });
     match thread.join() {
@@ -312,7 +276,7 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>> {
     if let Err(e) = redirect(netns, &veth) {
         drop(tap);
         if let Err(te) = teardown(netns) {
-            warn!(netns = %netns.display(), error = %te, "cleanup after failed setup");
+            warn!(netns = %netns.display(), error = %chain(&te), "cleanup after failed setup");
         }
         return Err(e);
     }
@@ -547,14 +511,8 @@ mod tests {
 
     /// Waits up to 3 s for a frame on the TAP; returns it without the 10-byte vnet header.
     fn read_frame(fd: &OwnedFd) -> Option<Vec<u8>> {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd that outlives the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 3000) };
-        if n != 1 {
+        let frame = Some(std::time::Duration::from_secs(3));
+        if !crate::sys::poll_readable(std::os::fd::AsFd::as_fd(fd), frame).unwrap_or(false) {
             return None;
         }
         let mut buf = vec![0u8; 65536];

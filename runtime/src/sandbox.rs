@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,6 +30,7 @@ use crate::agent::{
     AgentClient, Endpoint, ReadyListener, SetupNetworkRequest, SetupSandboxRequest, DEFAULT_TIMEOUT,
 };
 use crate::config::{Config, ContainerLimits, VmSize};
+use crate::error::chain;
 use crate::files;
 use crate::image::ImageCache;
 use crate::liveness::{self, Change, Tracker};
@@ -120,9 +121,9 @@ impl Pod {
         match Self::boot_inner(config, sandbox_id, spec) {
             Ok(pod) => Ok(pod),
             Err(e) => {
-                error!(sandbox = sandbox_id, error = %e, "sandbox boot failed: cleaning up");
+                error!(sandbox = sandbox_id, error = %chain(&e), "sandbox boot failed: cleaning up");
                 if let Err(ce) = crate::state::cleanup_sandbox(config, sandbox_id) {
-                    warn!(sandbox = sandbox_id, error = %ce, "cleanup after failed boot");
+                    warn!(sandbox = sandbox_id, error = %chain(&ce), "cleanup after failed boot");
                 }
                 Err(e)
             }
@@ -309,7 +310,7 @@ impl Pod {
         if let (Some(slot), None) = (slot, self.ended()) {
             if let Ok(v) = self.vmm.lock() {
                 if let Err(e) = v.eject(slot) {
-                    warn!(sandbox = %self.id, slot, serial, error = %e, "eject");
+                    warn!(sandbox = %self.id, slot, serial, error = %chain(&e), "eject");
                 }
             }
         }
@@ -361,7 +362,7 @@ impl Pod {
         }
         if let Ok(mut v) = self.vmm.lock() {
             if let Err(e) = v.shutdown(SHUTDOWN_TIMEOUT) {
-                warn!(sandbox = %self.id, error = %e, "VMM shutdown");
+                warn!(sandbox = %self.id, error = %chain(&e), "VMM shutdown");
             }
         }
     }
@@ -369,7 +370,7 @@ impl Pod {
     /// Blocks until the VMM process has ended, reaps it and records why; returns the
     /// reason. Run by the pod's monitor thread.
     pub fn wait_vm_end(&self) -> String {
-        wait_pid_exit(self.vmm_pid);
+        crate::sys::wait_pid_exit(self.vmm_pid);
         // Reap it (we are its parent) and make sure it is really gone.
         let alive = self.vmm.lock().map(|mut v| v.is_alive()).unwrap_or(false);
         if alive {
@@ -425,7 +426,7 @@ impl Pod {
         match self.vmm.lock() {
             Ok(mut v) => {
                 if let Err(e) = v.kill() {
-                    error!(sandbox = %self.id, error = %e, "killing the VMM of a dead VM");
+                    error!(sandbox = %self.id, error = %chain(&e), "killing the VMM of a dead VM");
                 }
             }
             Err(_) => error!(sandbox = %self.id, "VMM lock poisoned: cannot kill the VMM"),
@@ -456,7 +457,7 @@ impl Pod {
                 match ping.hello() {
                     Ok(_) => lock(&self.liveness).answered(Instant::now()),
                     Err(e) => {
-                        debug!(sandbox = %self.id, error = %e, "health check: no answer");
+                        debug!(sandbox = %self.id, error = %chain(&e), "health check: no answer");
                         if self.ended().is_some() {
                             return;
                         }
@@ -511,7 +512,7 @@ impl Pod {
 
     fn record_liveness(&self, f: impl FnOnce(&mut PodRecord)) {
         if let Err(e) = self.update_record(f) {
-            warn!(sandbox = %self.id, error = %e, "recording the VM's liveness");
+            warn!(sandbox = %self.id, error = %chain(&e), "recording the VM's liveness");
         }
     }
 
@@ -562,7 +563,7 @@ impl Pod {
                         s.insert(source, (guest, sig));
                     }
                 }
-                Err(e) => warn!(sandbox = %self.id, error = %e, "file sync"),
+                Err(e) => warn!(sandbox = %self.id, error = %chain(&e), "file sync"),
             }
         }
     }
@@ -628,39 +629,6 @@ fn network_request(net: &crate::podnet::PodNetwork) -> SetupNetworkRequest {
     }
 }
 
-/// Blocks until process `pid` has ended (zombie or gone), with a pidfd. Returns at once
-/// if no pidfd can be had (the caller then checks otherwise).
-fn wait_pid_exit(pid: u32) {
-    let Ok(raw) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-    if fd < 0 {
-        return;
-    }
-    let Ok(fd) = i32::try_from(fd) else {
-        return;
-    };
-    // SAFETY: the kernel just gave us this descriptor; we own it from here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    loop {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on our stack, count 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r > 0 {
-            return;
-        }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return;
-        }
-    }
-}
-
 /// The last `n` lines of a log file (none if it cannot be read), for failure reports.
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -712,14 +680,5 @@ mod tests {
         assert_eq!(req.interfaces[0].mac, "aa:bb:cc:dd:ee:ff");
         assert_eq!(req.interfaces[0].mtu, 1450);
         assert_eq!(req.routes[0].gateway, "10.88.0.1");
-    }
-
-    #[test]
-    fn pid_wait_returns_for_an_exited_child() {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn");
-        wait_pid_exit(child.id());
-        child.wait().expect("reap");
-        // A pid that does not exist returns at once.
-        wait_pid_exit(u32::MAX);
     }
 }

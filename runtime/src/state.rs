@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{chain, Error, Result};
 use crate::image::ImageCache;
 use crate::vmm::{VmmProcess, VmmSpec};
 
@@ -130,7 +130,7 @@ fn release_container(config: &Config, container_id: &str, entry: Option<&Contain
             info!(container = container_id, images = ?keys, "image disks released")
         }
         Ok(_) => {}
-        Err(e) => warn!(container = container_id, error = %e, "releasing image disks"),
+        Err(e) => warn!(container = container_id, error = %chain(&e), "releasing image disks"),
     }
     if let Some(disk) = entry.and_then(|e| e.writable_disk.as_ref()) {
         match fs::remove_file(disk) {
@@ -152,7 +152,7 @@ pub fn cleanup_sandbox(config: &Config, sandbox_id: &str) -> Result<()> {
     let record = match PodRecord::load(&dir) {
         Ok(r) => r,
         Err(e) => {
-            warn!(sandbox = sandbox_id, error = %e, "unreadable pod record: cleaning up what is known");
+            warn!(sandbox = sandbox_id, error = %chain(&e), "unreadable pod record: cleaning up what is known");
             None
         }
     };
@@ -166,18 +166,18 @@ pub fn cleanup_sandbox(config: &Config, sandbox_id: &str) -> Result<()> {
         match VmmProcess::from_pid_file(sandbox_id, &spec.pid_file, &spec.control_socket) {
             Ok(Some(mut vmm)) => {
                 if let Err(e) = vmm.kill() {
-                    warn!(sandbox = sandbox_id, error = %e, "killing the VMM");
+                    warn!(sandbox = sandbox_id, error = %chain(&e), "killing the VMM");
                     first_error.get_or_insert(e);
                 }
             }
             Ok(None) => {}
-            Err(e) => warn!(sandbox = sandbox_id, error = %e, "reading the VMM pid file"),
+            Err(e) => warn!(sandbox = sandbox_id, error = %chain(&e), "reading the VMM pid file"),
         }
     }
     if let Some(record) = &record {
         if let Some(netns) = &record.netns {
             if let Err(e) = crate::podnet::teardown(netns) {
-                warn!(sandbox = sandbox_id, error = %e, "pod network teardown");
+                warn!(sandbox = sandbox_id, error = %chain(&e), "pod network teardown");
                 first_error.get_or_insert(e);
             }
         }

@@ -10,6 +10,7 @@ use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim::protos::ttrpc;
 use containerd_shim::protos::types::task::Status as PbStatus;
 
+use cocoon_runtime::error::chain;
 use cocoon_runtime::events::TaskEvent;
 use cocoon_runtime::task::{ErrorCode, Stats, Status, TaskError};
 
@@ -46,7 +47,7 @@ pub fn error(e: TaskError) -> ttrpc::Error {
         ErrorCode::Unavailable => ttrpc::Code::UNAVAILABLE,
         ErrorCode::Internal => ttrpc::Code::INTERNAL,
     };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain(&e)))
 }
 
 /// A runtime event as the protobuf message containerd expects under its topic.

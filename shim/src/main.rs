@@ -32,6 +32,7 @@ use shim::protos::ttrpc::Server;
 use tracing::{error, info, warn};
 
 use cocoon_runtime::config::Config;
+use cocoon_runtime::error::chain;
 
 /// containerd's name for the runtime (`runtime_type`).
 pub const RUNTIME_ID: &str = "io.containerd.cocoon.v1";
@@ -153,7 +154,7 @@ fn serve(flags: &shim::Flags) -> Result<(), String> {
         _ => "debug".into(),
     };
     logging::init_fifo(&level, &flags.id);
-    let config = config.map_err(|e| e.to_string())?;
+    let config = config.map_err(|e| chain(&e))?;
 
     let path = socket_path(&flags.socket);
     let Some(listener) = bind(&path)? else {

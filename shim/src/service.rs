@@ -14,6 +14,7 @@ use shim::{DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult};
 use tracing::{info, warn};
 
 use cocoon_runtime::config::Config;
+use cocoon_runtime::error::chain;
 use cocoon_runtime::spec;
 use cocoon_runtime::stdio::StdioPaths;
 use cocoon_runtime::task::{CreateRequest, RootfsMount, Service, TaskError};
@@ -37,7 +38,7 @@ impl TaskService {
 }
 
 fn err(e: TaskError) -> ttrpc::Error {
-    warn!(error = %e, "task call failed");
+    warn!(error = %chain(&e), "task call failed");
     convert::error(e)
 }
 

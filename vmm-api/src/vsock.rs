@@ -25,6 +25,14 @@ pub enum VsockError {
     },
 }
 
+/// Where guest connections to host port `port` arrive: the Unix socket
+/// `<vsock socket>_<port>` (`uds` is the VMM's `--vsock` socket).
+pub fn host_port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
 /// Connects to guest port `port` through the VMM's hybrid vsock socket at `path`,
 /// waiting at most `timeout` for each step of the handshake. Returns the stream (blocking,
 /// no timeouts set, at the guest's first byte) and the host port the VMM gave it.
@@ -101,6 +109,14 @@ fn set_timeouts(s: &UnixStream, t: Option<Duration>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ports_are_beside_the_socket() {
+        assert_eq!(
+            host_port_path(Path::new("/run/cocoon/sb/vsock.sock"), 1026),
+            Path::new("/run/cocoon/sb/vsock.sock_1026")
+        );
+    }
     use std::os::unix::net::UnixListener;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Instant;

@@ -2,13 +2,13 @@
 //! and answering each with one JSON line. See docs/vmm.md for the protocol.
 
 use crate::devices::block::Backing;
-use crate::vm::{self, Vm, VmExit};
+use crate::vm::{Vm, VmExit};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use vmm_api::control::{Reply, Request, SlotStats, Stats};
+use vmm_api::control::{Reply, Request};
 
 /// Longest request line accepted; longer ones end the connection.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -121,50 +121,10 @@ fn execute(vm: &Vm, req: Request) -> Reply {
             Ok(())
         }
         Request::Shutdown {} => Ok(()),
-        Request::Stats {} => return Reply::stats(wire_stats(vm.stats())),
+        Request::Stats {} => return Reply::stats(vm.stats()),
     };
     match result {
         Ok(()) => Reply::ok(),
         Err(e) => Reply::error(e.to_string()),
-    }
-}
-
-/// The VM's snapshot in the protocol's terms. Destructured field by field so that a
-/// field added to the snapshot does not go unreported unnoticed.
-fn wire_stats(s: vm::Stats) -> Stats {
-    let vm::Stats {
-        vcpus,
-        memory_mib,
-        paused,
-        vmm_rss_kib,
-        guest_touched_kib,
-        free_page_reported_kib,
-        free_page_reports,
-        slots,
-    } = s;
-    Stats {
-        vcpus,
-        memory_mib,
-        paused,
-        vmm_rss_kib,
-        guest_touched_kib,
-        free_page_reported_kib,
-        free_page_reports,
-        slots: slots
-            .into_iter()
-            .map(
-                |vm::SlotStats {
-                     slot,
-                     serial,
-                     read_only,
-                     capacity_sectors,
-                 }| SlotStats {
-                    slot,
-                    serial,
-                    read_only,
-                    capacity_sectors,
-                },
-            )
-            .collect(),
     }
 }

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_api::control::{SlotStats, Stats};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -83,31 +84,6 @@ pub enum VmExit {
     ControlShutdown,
     /// A vCPU failed.
     Failed(String),
-}
-
-/// Snapshot of the VM's resource use and state.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Stats {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub paused: bool,
-    /// The VMM process's resident memory, guest memory excluded.
-    pub vmm_rss_kib: u64,
-    /// Guest memory pages the host has had to back so far.
-    pub guest_touched_kib: u64,
-    /// Guest memory the guest reported free and the VMM dropped (virtio-balloon free
-    /// page reporting), and in how many reports.
-    pub free_page_reported_kib: u64,
-    pub free_page_reports: u64,
-    pub slots: Vec<SlotStats>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SlotStats {
-    pub slot: usize,
-    pub serial: String,
-    pub read_only: bool,
-    pub capacity_sectors: u64,
 }
 
 type Drive = Arc<Mutex<MmioTransport<Block>>>;
@@ -457,6 +433,7 @@ impl Vm {
         Ok(())
     }
 
+    /// The VM's resource use and state, in the control protocol's terms.
     pub fn stats(&self) -> Stats {
         let touched = self.guest_touched_bytes();
         let rss = process_rss_bytes().unwrap_or(0);

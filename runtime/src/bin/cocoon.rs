@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use cocoon_runtime::cli;
 use cocoon_runtime::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use cocoon_runtime::error::chain;
 
 /// Operate Cocoon, the containerd runtime that runs each Kubernetes pod in its own KVM
 /// microVM.
@@ -133,8 +134,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}`: the whole chain on one line, and no backtrace even with RUST_BACKTRACE.
-            eprintln!("cocoon: {e:#}");
+            // The whole chain on one line, each cause once, and no backtrace.
+            eprintln!("cocoon: {}", chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -205,7 +206,7 @@ fn check(config_path: &Path) -> Result<()> {
     let loaded = Config::load(config_path);
     let items = match &loaded {
         Ok(config) => cli::check::run(Ok((config, config_path))),
-        Err(e) => cli::check::run(Err((e.to_string(), config_path))),
+        Err(e) => cli::check::run(Err((chain(e), config_path))),
     };
     print!("{}", cli::check::render(&items));
     match cli::check::failures(&items) {

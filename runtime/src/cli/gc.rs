@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::error::chain;
 use crate::image::ImageCache;
 
 use super::procfs;
@@ -56,7 +57,7 @@ pub fn run(config: &Config, dry_run: bool) -> Result<Report> {
             Ok(VmmState::Dead) => {}
             Ok(_) => continue,
             Err(e) => {
-                report.errors.push(format!("sandbox {id}: {e}"));
+                report.errors.push(format!("sandbox {id}: {}", chain(&e)));
                 continue;
             }
         }
@@ -68,7 +69,7 @@ pub fn run(config: &Config, dry_run: bool) -> Result<Report> {
             // Kills nothing (the VMM is gone); tears down the TAP, releases image
             // references and writable disks, removes the directory.
             if let Err(e) = crate::state::cleanup_sandbox(config, &id) {
-                report.errors.push(format!("sandbox {id}: {e}"));
+                report.errors.push(format!("sandbox {id}: {}", chain(&e)));
                 if dir.exists() {
                     continue;
                 }
@@ -82,7 +83,7 @@ pub fn run(config: &Config, dry_run: bool) -> Result<Report> {
     } else {
         match cache.gc() {
             Ok(removed) => report.images = removed,
-            Err(e) => report.errors.push(format!("image cache: {e}")),
+            Err(e) => report.errors.push(format!("image cache: {}", chain(&e))),
         }
     }
     Ok(report)

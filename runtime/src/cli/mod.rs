@@ -26,10 +26,11 @@ use crate::vmm::{VmmProcess, VmmSpec};
 pub enum Error {
     #[error(transparent)]
     Runtime(#[from] crate::error::Error),
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
+        #[source]
         source: io::Error,
     },
     /// No sandbox directory matches the id or prefix given.

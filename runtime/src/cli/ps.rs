@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::error::chain;
 use crate::state::PodRecord;
 
 use super::procfs;
@@ -68,7 +69,7 @@ fn inspect(config: &Config, id: &str, bundles: &Path) -> Result<Sandbox> {
             sb.unresponsive_count = record.unresponsive_count;
         }
         Ok(None) => {}
-        Err(e) => sb.warnings.push(e.to_string()),
+        Err(e) => sb.warnings.push(chain(&e)),
     }
     if let Some(spec) = find_bundle_spec(bundles, id) {
         (sb.pod_name, sb.pod_namespace) = pod_name(&spec);
@@ -94,7 +95,7 @@ fn inspect(config: &Config, id: &str, bundles: &Path) -> Result<Sandbox> {
         Ok(VmmState::NoPidFile) => sb.state = "no-vmm",
         Err(e) => {
             sb.state = "unknown";
-            sb.warnings.push(e.to_string());
+            sb.warnings.push(chain(&e));
         }
     }
     Ok(sb)

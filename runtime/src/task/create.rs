@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::{Container, CreateRequest, Proc, RootfsMount, Service, TaskError};
 use crate::agent::{AddStorageRequest, AgentError, CopyFileRequest, Rootfs};
+use crate::error::chain;
 use crate::events::TaskEvent;
 use crate::sandbox::Pod;
 use crate::spec::{self, SourceKind};
@@ -196,7 +197,7 @@ impl Service {
                 Ok(pid)
             }
             Err(e) => {
-                warn!(sandbox = %pod.id, container = %id, error = %e,
+                warn!(sandbox = %pod.id, container = %id, error = %chain(&e),
                     "container create failed: undoing");
                 self.release_container(&pod, &container);
                 Err(e)
@@ -309,12 +310,12 @@ impl Service {
         let answered = |what: &str, result: Result<(), AgentError>| match result {
             Ok(()) => true,
             Err(e) if e.is_no_answer() => {
-                pod.declare_dead(&format!("container {}: {what}: {e}", c.id));
+                pod.declare_dead(&format!("container {}: {what}: {}", c.id, chain(&e)));
                 false
             }
             Err(e) => {
                 if e.code() != Some(crate::agent::Code::NOT_FOUND) {
-                    warn!(container = %c.id, error = %e, "{what}");
+                    warn!(container = %c.id, error = %chain(&e), "{what}");
                 }
                 true
             }
@@ -329,7 +330,7 @@ impl Service {
         pod.eject(&c.image_serial);
         pod.eject(&c.writable_serial);
         if let Err(e) = crate::state::cleanup_container(&pod.config, &pod.id, &c.id) {
-            warn!(container = %c.id, error = %e, "releasing host resources");
+            warn!(container = %c.id, error = %chain(&e), "releasing host resources");
         }
         if let Ok(mut r) = pod.record.lock() {
             r.containers.remove(&c.id);

@@ -33,31 +33,31 @@ pub enum TaskError {
     Unimplemented(String),
     #[error("sandbox {sandbox}: the VM has ended ({reason})")]
     VmEnded { sandbox: String, reason: String },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Runtime {
         context: String,
         #[source]
         source: crate::error::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Agent {
         context: String,
         #[source]
         source: AgentError,
     },
-    #[error("container {container}: {source}")]
+    #[error("container {container}")]
     Spec {
         container: String,
         #[source]
         source: Box<SpecError>,
     },
-    #[error("container {container}: {source}")]
+    #[error("container {container}")]
     Copy {
         container: String,
         #[source]
         source: Box<CopyError>,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Stdio {
         context: String,
         #[source]
@@ -143,7 +143,7 @@ mod tests {
             },
         };
         assert_eq!(e.code(), ErrorCode::NotFound);
-        assert!(e.to_string().contains("no such process"));
+        assert!(crate::error::chain(&e).contains("no such process"));
         let e = TaskError::Runtime {
             context: "c".into(),
             source: crate::error::Error::Slots("full".into()),

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
 use super::{Service, Status, TaskError};
+use crate::error::chain;
 
 const SIGKILL: u32 = 9;
 
@@ -65,11 +66,11 @@ impl Service {
         match agent.signal_process(id, exec_id, signal, all) {
             Ok(()) => Ok(()),
             Err(e) if e.is_no_answer() && signal == SIGKILL => {
-                pod.declare_dead(&format!("{}: SIGKILL: {e}", proc.label()));
+                pod.declare_dead(&format!("{}: SIGKILL: {}", proc.label(), chain(&e)));
                 Ok(())
             }
             Err(e) if e.is_no_answer() => {
-                warn!(sandbox = %pod.id, process = %proc.label(), signal, error = %e,
+                warn!(sandbox = %pod.id, process = %proc.label(), signal, error = %chain(&e),
                     "signal not acknowledged by the agent: left in flight (a SIGKILL that \
                      goes unanswered stops the pod VM)");
                 Ok(())

@@ -47,6 +47,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::error::chain;
 use crate::events::{EventSink, GuestEvent, TaskEvent, VM_GONE_EXIT_STATUS};
 use crate::sandbox::Pod;
 use crate::stdio::{ProcessIo, StdioPaths};
@@ -335,7 +336,7 @@ impl Service {
                     if pod.wait_ended(Duration::from_millis(500)) {
                         return;
                     }
-                    warn!(sandbox = %pod.id, error = %e, "polling agent events");
+                    warn!(sandbox = %pod.id, error = %chain(&e), "polling agent events");
                 }
             }
         }

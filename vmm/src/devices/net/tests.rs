@@ -1081,19 +1081,29 @@ const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const HOST_IP: [u8; 4] = [10, 213, 0, 1];
 const GUEST_IP: [u8; 4] = [10, 213, 0, 2];
 
+/// A test whose subject cannot run here: fails under CI (where everything is installed),
+/// otherwise says why it did not run.
+fn cannot_run(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test cannot run its subject under CI: {why}"
+    );
+    eprintln!("not run on this machine: {why}");
+}
+
 /// Runs `real_tap_inner` in a new network namespace (`unshare --net`): the host's
 /// interfaces are never touched, and the namespace, with its TAPs, goes away with the
 /// process whatever happens.
 #[test]
 fn real_tap_in_a_fresh_network_namespace() {
     if !std::path::Path::new(crate::devices::net::tap::TUN_DEVICE).exists() {
-        eprintln!("skipped: no /dev/net/tun");
+        cannot_run("no /dev/net/tun");
         return;
     }
     match Command::new("unshare").args(["--net", "true"]).status() {
         Ok(status) if status.success() => {}
         other => {
-            eprintln!("skipped: cannot create a network namespace: {other:?}");
+            cannot_run(&format!("cannot create a network namespace: {other:?}"));
             return;
         }
     }
@@ -1201,7 +1211,7 @@ fn receive_udp(rig: &mut Rig<'_>, bufs: &[(u16, u64)], port: u16) -> Vec<u8> {
 #[ignore = "needs a network namespace of its own: run by real_tap_in_a_fresh_network_namespace"]
 fn real_tap_inner() {
     if std::env::var_os(INNER_ENV).is_none() {
-        eprintln!("skipped: only runs inside real_tap_in_a_fresh_network_namespace");
+        eprintln!("not run: it runs only inside real_tap_in_a_fresh_network_namespace");
         return;
     }
     // Never anywhere but in a namespace of our own, which has only loopback.

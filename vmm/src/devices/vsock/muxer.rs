@@ -26,11 +26,7 @@ use crate::devices::virtio::mmio::NOTIFY_TAG_BASE;
 use crate::event_loop::Registrar;
 
 /// Where guest connections to host port `port` go: `<uds_path>_<port>`.
-pub fn host_port_path(uds_path: &Path, port: u32) -> PathBuf {
-    let mut p = OsString::from(uds_path.as_os_str());
-    p.push(format!("_{port}"));
-    PathBuf::from(p)
-}
+pub use vmm_api::vsock::host_port_path;
 
 /// Parses a `CONNECT <port>` line (without its newline; a trailing `\r` is accepted).
 pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
