@@ -721,7 +721,7 @@ pub mod pod_vm {
                 t.push_str(&format!(
                     "\n--- vmm threads (pid {}) ---\n{}\n--- vmm stats ---\n{stats}",
                     vm.pid(),
-                    vmm::thread_report(vm.pid())
+                    cocoon_runtime::liveness::signature(vm.pid(), Duration::from_secs(1))
                 ));
             }
             t
