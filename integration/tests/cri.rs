@@ -395,6 +395,20 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
     if pod_ids.is_empty() {
         lines.push(env.ctrd.log_tail(15));
     }
+    // The liveness rule's verdicts carry the VM's signature (threads, KVM counters,
+    // calls in flight): always part of the report, however far back they are.
+    let since = log_since(&env.ctrd.log, log_start);
+    let verdicts: Vec<&str> = since
+        .lines()
+        .filter(|l| l.contains("declared dead") || l.contains("pod VM unresponsive"))
+        .take(4)
+        .collect();
+    if !verdicts.is_empty() {
+        lines.push(format!(
+            "--- liveness verdicts ---\n{}",
+            verdicts.join("\n")
+        ));
+    }
     let log = lines.join("\n");
     // Only a clean failure runs again: the runtime must clean up after a dead or hung VM
     // too, and residue would also be in the next attempt's "before" snapshot.
@@ -405,7 +419,7 @@ fn attempt(h: &mut Harness, name: &str, rt: &Runtime, scenario: Scenario) -> Res
         .is_some_and(|e| vmtest::says_guest_reset(&format!("{e:#}")));
     let guest_fault = cleanup_errors.is_empty()
         && left.is_empty()
-        && (boot_reset || guest_failed(&log_since(&env.ctrd.log, log_start), &pod_ids));
+        && (boot_reset || guest_failed(&since, &pod_ids));
     // The log first: the reason is then the last thing before the next trial's output.
     Err(Failure {
         report: format!(

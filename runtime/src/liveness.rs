@@ -7,7 +7,8 @@
 //!   does not answer within `liveness.stop_timeout_secs` declares the VM dead: the VMM is
 //!   killed and every process of the pod is reported exited (137 where a SIGKILL was
 //!   asked for, 255 otherwise);
-//! - the idle health check: the agent is pinged every `ping_interval_secs`; silence for
+//! - the idle health check: the agent is pinged every `ping_interval_secs` (one ping at
+//!   a time, each waiting up to `unresponsive_after_secs` for its answer); silence for
 //!   `unresponsive_after_secs` marks the VM unresponsive (logged with its [`signature`],
 //!   recorded in `pod.json` for `cocoon ps`), an answer clears the mark, and silence for
 //!   `dead_after_secs` (unless 0) declares it dead. Time the VM spends paused on request

@@ -447,7 +447,9 @@ impl Pod {
     /// dead after `dead_after`. Run by the pod's liveness thread.
     pub fn watch_liveness(&self) {
         let rule = self.config.liveness;
-        let ping = self.agent.with_timeout(rule.ping_interval());
+        // A ping may take up to `unresponsive_after` to be answered: a guest that is busy
+        // but answers within that time is alive, however slow.
+        let ping = self.agent.with_timeout(rule.unresponsive_after());
         loop {
             let started = Instant::now();
             let change = if self.paused.load(Ordering::SeqCst) {
