@@ -49,7 +49,7 @@ pub fn connect(path: &Path, port: u32, timeout: Duration) -> Result<(UnixStream,
     set_timeouts(&s, Some(timeout)).map_err(|e| fail(format!("set socket timeout: {e}")))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| fail(format!("send CONNECT: {e}")))?;
-    let line = match read_line(&mut s) {
+    let line = match read_line(&mut s, MAX_LINE) {
         Ok(Line::Complete(l)) => l,
         Ok(Line::Eof) => return Err(fail("closed without OK (no listener in the guest?)".into())),
         Ok(Line::TooLong) => return Err(fail("reply line too long".into())),
@@ -78,22 +78,28 @@ fn parse_ok_line(line: &[u8]) -> Result<u32, String> {
         .ok_or_else(|| format!("expected `OK <port>`, got {text:?}"))
 }
 
-enum Line {
+/// What [`read_line`] got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The line without its `\n`.
     Complete(Vec<u8>),
+    /// The stream ended before a newline.
     Eof,
+    /// No newline within the bound.
     TooLong,
 }
 
-/// Reads one `\n`-terminated line byte by byte: whatever follows the newline is the
-/// guest's data, so nothing may be read ahead.
-fn read_line(s: &mut impl Read) -> io::Result<Line> {
+/// Reads one `\n`-terminated line of fewer than `max` bytes, byte by byte: whatever
+/// follows the newline belongs to the stream's next user (the guest's data, ttrpc, a
+/// process's output), so nothing may be read ahead.
+pub fn read_line(s: &mut impl Read, max: usize) -> io::Result<Line> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
         match s.read(&mut b) {
             Ok(0) => return Ok(Line::Eof),
             Ok(_) if b[0] == b'\n' => return Ok(Line::Complete(line)),
-            Ok(_) if line.len() + 1 >= MAX_LINE => return Ok(Line::TooLong),
+            Ok(_) if line.len() + 1 >= max => return Ok(Line::TooLong),
             Ok(_) => line.push(b[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

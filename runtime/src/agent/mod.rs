@@ -19,12 +19,13 @@ mod stdio;
 mod tests;
 mod vsock;
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use cocoon_agent_protocol::api;
+// The one bounded line reader that never reads ahead (ready line, stdio replies).
+use vmm_api::vsock::{read_line, Line};
 
 pub use client::AgentClient;
 pub use ready::ReadyListener;
@@ -128,29 +129,6 @@ impl AgentError {
                 call,
                 message: other.to_string(),
             },
-        }
-    }
-}
-
-enum Line {
-    Complete(Vec<u8>),
-    Eof,
-    TooLong,
-}
-
-/// Reads one `\n`-terminated line byte by byte: whatever follows the newline belongs to
-/// the stream's next user (ttrpc, the process output), so nothing may be read ahead.
-fn read_line(s: &mut impl Read, max: usize) -> std::io::Result<Line> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Ok(Line::Eof),
-            Ok(_) if b[0] == b'\n' => return Ok(Line::Complete(line)),
-            Ok(_) if line.len() + 1 >= max => return Ok(Line::TooLong),
-            Ok(_) => line.push(b[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
 }
